@@ -1,0 +1,1 @@
+"""edgespec.devices: facts about the machine the runtime runs on (threads, memory)."""

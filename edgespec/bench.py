@@ -1,0 +1,882 @@
+"""`edgespec bench`: Spec-Bench prompts through the engine's decoding modes and through peer runtimes.
+
+Every system generates greedily, batch 1, from the same chat-templated prompt token ids, with the same thread count,
+for exactly `--max-new-tokens` tokens (EOS never stops anyone: `ignore_eos=True` for the engine, no EOS id plus
+`min_new_tokens` for transformers, a token counter for llama.cpp), so the rates are comparable.
+
+Systems
+* modes (`--mode plain,...`): decoding strategies of the engine, registered in `MODES`. A mode is a function
+  `(engine, prompt_text, gen_config) -> (token_ids, stats)` where `stats` has GenerationStats' keys. `plain` is the
+  baseline of every ratio. Later modes register themselves with `@register_mode("name")`; a mode that cannot run
+  on a bundle (no drafter, say) raises `ModeUnavailable` and is reported as skipped.
+* peers (`--peers hf,llama.cpp`): Hugging Face transformers `generate` (torch CPU, float32) on the bundle's source
+  weights, and llama.cpp through llama-cpp-python on the source GGUF (optional: skipped when not installed).
+
+Each system runs in its own fresh subprocess (`python -m edgespec.bench --worker JOB --result OUT`), so its peak RSS
+and its threads are its own. Rates: end-to-end tokens/s = new tokens / total seconds (prefill included), decode
+tokens/s = (new tokens - 1) / (total - time to first token); per category the medians over prompts; overall both
+the aggregate (sum of tokens / sum of seconds) and the median. The summary functions are small and pure, over
+lists of row dicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+BASELINE = "plain"
+PEERS = ("hf", "llama.cpp")
+WARMUP_TOKENS = 16
+RESULT_FORMAT = "edgespec-bench"
+RESULT_VERSION = 1
+
+
+# ---- Spec-Bench questions -------------------------------------------------------------------------------------------
+def read_spec_bench(path: str | os.PathLike = DEFAULT_DATA) -> list[dict]:
+    """Every question of a Spec-Bench `question.jsonl`: [{question_id, category, prompt}] (prompt = first turn)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Spec-Bench questions not found at {path} (pass --data PATH)")
+    questions = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                d = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{lineno}: invalid JSON: {exc}") from None
+            turns = d.get("turns") if isinstance(d, dict) else None
+            if not turns or not isinstance(turns[0], str) or not isinstance(d.get("category"), str):
+                raise ValueError(f"{path}:{lineno}: expected an object with 'category' and a non-empty 'turns' list")
+            questions.append({"question_id": d.get("question_id", lineno), "category": d["category"],
+                              "prompt": turns[0]})
+    return questions
+
+
+def select_questions(questions: list[dict], per_category: int | None = 2, categories: Iterable[str] | None = None,
+                     limit: int | None = None) -> list[dict]:
+    """The first `per_category` questions of each wanted category (0/None = all), in file order, then `limit`."""
+    known = list(dict.fromkeys(q["category"] for q in questions))
+    wanted = None
+    if categories:
+        wanted = set(categories)
+        unknown = sorted(wanted - set(known))
+        if unknown:
+            raise ValueError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)}; "
+                             f"this Spec-Bench file has: {', '.join(known)}")
+    counts: dict[str, int] = {}
+    out = []
+    for q in questions:
+        cat = q["category"]
+        if wanted is not None and cat not in wanted:
+            continue
+        if per_category and counts.get(cat, 0) >= per_category:
+            continue
+        counts[cat] = counts.get(cat, 0) + 1
+        out.append(q)
+    return out[:limit] if limit else out
+
+
+def load_spec_bench(path: str | os.PathLike = DEFAULT_DATA, per_category: int | None = 2,
+                    categories: Iterable[str] | None = None, limit: int | None = None) -> list[dict]:
+    """`read_spec_bench` then `select_questions`."""
+    return select_questions(read_spec_bench(path), per_category, categories, limit)
+
+
+# ---- modes ----------------------------------------------------------------------------------------------------------
+ModeFn = Callable[[object, str, dict], "tuple[list[int], dict]"]
+MODES: dict[str, ModeFn] = {}
+
+
+class ModeUnavailable(RuntimeError):
+    """A mode cannot run on this bundle (reported as skipped, not as a failure)."""
+
+
+class PeerUnavailable(RuntimeError):
+    """A peer cannot run here (not installed, no suitable weights): skipped with a note."""
+
+
+def register_mode(name: str):
+    """Decorator: register `fn(engine, prompt_text, gen_config) -> (token_ids, stats dict)` as bench mode `name`."""
+    def deco(fn: ModeFn) -> ModeFn:
+        MODES[name] = fn
+        return fn
+    return deco
+
+
+@register_mode("plain")
+def plain_mode(engine, prompt: str, gen_config: dict):
+    """Ordinary autoregressive decoding: one target forward per token."""
+    result = engine.generate(prompt, **gen_config)
+    return result.token_ids, {**result.stats.to_dict(), "finish_reason": result.finish_reason}
+
+
+def bench_gen_config(max_new_tokens: int) -> dict:
+    """GenerationConfig fields every mode gets: greedy, exactly `max_new_tokens` tokens (EOS ignored)."""
+    return {"max_new_tokens": int(max_new_tokens), "temperature": 0.0, "ignore_eos": True}
+
+
+# ---- rows and summaries (pure) --------------------------------------------------------------------------------------
+def make_row(system: str, kind: str, question: dict, token_ids: list[int], stats: dict) -> dict:
+    """One (system, prompt) measurement from a stats dict with GenerationStats' keys (missing ones tolerated)."""
+    new = int(stats.get("new_tokens", len(token_ids)))
+    total = float(stats.get("total_seconds") or 0.0)
+    ttft = float(stats.get("time_to_first_token") or 0.0)
+    steps = stats.get("steps")
+    decode_time = total - ttft
+    return {
+        "system": system,
+        "kind": kind,
+        "question_id": question["question_id"],
+        "category": question["category"],
+        "prompt_tokens": int(stats.get("prompt_tokens") or len(question.get("ids") or ())),
+        "new_tokens": new,
+        "steps": int(steps) if steps else None,
+        "time_to_first_token": ttft,
+        "total_seconds": total,
+        "prefill_seconds": stats.get("prefill_seconds"),
+        "tokens_per_second": new / total if total > 0 else None,
+        "decode_tokens_per_second": (new - 1) / decode_time if new > 1 and decode_time > 0 else None,
+        "mean_accepted_tokens": new / steps if steps else None,
+        "output_ids": [int(t) for t in token_ids],
+        "stats": {k: v for k, v in stats.items() if k not in ("new_tokens", "total_seconds", "time_to_first_token")},
+    }
+
+
+def _median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def _mean(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    """a / b, or None when either is missing or b is zero."""
+    return a / b if a is not None and b else None
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Medians and aggregates over the rows of one system (and one category)."""
+    new = sum(r["new_tokens"] for r in rows)
+    seconds = sum(r["total_seconds"] for r in rows)
+    decode_new = sum(max(r["new_tokens"] - 1, 0) for r in rows)
+    decode_seconds = sum(r["total_seconds"] - r["time_to_first_token"] for r in rows)
+    spec = [r for r in rows if r.get("steps")]
+    return {
+        "prompts": len(rows),
+        "new_tokens": new,
+        "total_seconds": seconds,
+        "tokens_per_second": _median(r["tokens_per_second"] for r in rows),
+        "tokens_per_second_agg": new / seconds if seconds > 0 else None,
+        "decode_tokens_per_second": _median(r["decode_tokens_per_second"] for r in rows),
+        "decode_tokens_per_second_agg": decode_new / decode_seconds if decode_seconds > 0 else None,
+        "time_to_first_token": _median(r["time_to_first_token"] for r in rows),
+        "time_to_first_token_mean": _mean(r["time_to_first_token"] for r in rows),
+        # Spec-Bench's metric over all steps: new tokens / target forward passes
+        "mean_accepted_tokens": (sum(r["new_tokens"] for r in spec) / sum(r["steps"] for r in spec)) if spec else None,
+        "agreement": _mean(r.get("agreement") for r in rows),
+    }
+
+
+def add_ratios(by_system: dict[str, dict], kinds: dict[str, str], baseline: str = BASELINE) -> None:
+    """Ratios against the baseline, in place: `speedup` (mode / baseline) for modes, `plain_over_peer` for peers.
+
+    `speedup` and `plain_over_peer` compare median tokens/s; the `_agg` forms compare aggregate tokens/s.
+    """
+    base = by_system.get(baseline)
+    for system, s in by_system.items():
+        for suffix in ("", "_agg"):
+            key = "tokens_per_second" + suffix
+            b = base.get(key) if base else None
+            if kinds.get(system) == "peer":
+                s["plain_over_peer" + suffix] = ratio(b, s.get(key))
+            else:
+                s["speedup" + suffix] = ratio(s.get(key), b)
+
+
+def summarize_rows(rows: list[dict], baseline: str = BASELINE) -> dict:
+    """Per-category and overall summaries of every system, with ratios against `baseline`."""
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    kinds = {r["system"]: r["kind"] for r in rows}
+    categories = list(dict.fromkeys(r["category"] for r in rows))
+    per_category = {}
+    for cat in categories:
+        by_system = {}
+        for system in systems:
+            subset = [r for r in rows if r["system"] == system and r["category"] == cat]
+            if subset:
+                by_system[system] = summarize(subset)
+        add_ratios(by_system, kinds, baseline)
+        per_category[cat] = by_system
+    overall = {system: summarize([r for r in rows if r["system"] == system]) for system in systems}
+    add_ratios(overall, kinds, baseline)
+    return {"baseline": baseline, "systems": systems, "kinds": kinds, "categories": categories,
+            "per_category": per_category, "overall": overall}
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def add_agreement(rows: list[dict], baseline: str = BASELINE) -> None:
+    """Per row, in place: `agreement` = common prefix with the baseline's output / tokens (None without baseline).
+
+    Greedy speculative modes must reach 1.0 (exactness); peers differ where their arithmetic differs.
+    """
+    base = {r["question_id"]: r["output_ids"] for r in rows if r["system"] == baseline}
+    for r in rows:
+        ref = base.get(r["question_id"])
+        r["agreement"] = (common_prefix(r["output_ids"], ref) / max(len(ref), 1)) if ref is not None else None
+
+
+# ---- tables ---------------------------------------------------------------------------------------------------------
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "–"
+    if kind == "tps":
+        return f"{value:.1f}"
+    if kind == "ratio":
+        return f"{value:.2f}×"
+    if kind == "ms":
+        return f"{value * 1000:.0f}"
+    if kind == "tau":
+        return f"{value:.2f}"
+    if kind == "pct":
+        return f"{value:.0%}"
+    return str(value)
+
+
+def category_table(summary: dict) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-category table: categories (median over prompts), then the overall rows."""
+    baseline, kinds = summary["baseline"], summary["kinds"]
+    modes = [s for s in summary["systems"] if kinds[s] != "peer"]
+    peers = [s for s in summary["systems"] if kinds[s] == "peer"]
+    header = ["category", "n"]
+    for m in modes:
+        header.append(f"{m} tok/s")
+        if m != baseline:
+            header.append(f"{m} vs {baseline}")
+        header += [f"{m} τ", f"{m} TTFT ms"]
+    for p in peers:
+        header += [f"{p} tok/s", f"{baseline}/{p}", f"{p} TTFT ms"]
+
+    def line(label: str, by_system: dict, agg: bool) -> list[str]:
+        suffix = "_agg" if agg else ""
+        n = max((s["prompts"] for s in by_system.values()), default=0)
+        cells = [label, str(n)]
+        for m in modes:
+            s = by_system.get(m, {})
+            cells.append(_fmt(s.get("tokens_per_second" + suffix), "tps"))
+            if m != baseline:
+                cells.append(_fmt(s.get("speedup" + suffix), "ratio"))
+            cells += [_fmt(s.get("mean_accepted_tokens"), "tau"), _fmt(s.get("time_to_first_token"), "ms")]
+        for p in peers:
+            s = by_system.get(p, {})
+            cells += [_fmt(s.get("tokens_per_second" + suffix), "tps"), _fmt(s.get("plain_over_peer" + suffix), "ratio"),
+                      _fmt(s.get("time_to_first_token"), "ms")]
+        return cells
+
+    rows = [line(cat, summary["per_category"][cat], agg=False) for cat in summary["categories"]]
+    rows.append(line("overall (sum)", summary["overall"], agg=True))
+    rows.append(line("overall (median)", summary["overall"], agg=False))
+    return header, rows
+
+
+def systems_table(result: dict, notes: bool = True) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the per-system table: overall rates, TTFT, τ, agreement with plain, peak RSS, load time.
+
+    `notes` False leaves the reasons of skipped/failed systems out of the status cells (see `system_notes`).
+    """
+    header = ["system", "kind", "prompts", "tok/s (sum)", "tok/s (median)", "decode tok/s", "TTFT ms", "τ",
+              f"same tokens as {result['summary']['baseline']}", "peak RSS MB", "load s", "status"]
+    rows = []
+    overall = result["summary"]["overall"]
+    for name, info in result["systems"].items():
+        s = overall.get(name, {})
+        rows.append([name, info.get("kind", ""), str(s.get("prompts", 0)), _fmt(s.get("tokens_per_second_agg"), "tps"),
+                     _fmt(s.get("tokens_per_second"), "tps"), _fmt(s.get("decode_tokens_per_second"), "tps"),
+                     _fmt(s.get("time_to_first_token"), "ms"), _fmt(s.get("mean_accepted_tokens"), "tau"),
+                     _fmt(s.get("agreement"), "pct"),
+                     f"{info['peak_rss_mb']:.0f}" if info.get("peak_rss_mb") else "–",
+                     f"{info['load_seconds']:.1f}" if info.get("load_seconds") is not None else "–",
+                     info.get("status", "") + (f": {info['note']}" if notes and info.get("note") else "")])
+    return header, rows
+
+
+def system_notes(result: dict) -> list[str]:
+    """One line per system that has a note (why it was skipped or failed)."""
+    return [f"{name} {info.get('status')}: {info['note']}" for name, info in result["systems"].items()
+            if info.get("note")]
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    def esc(cell: str) -> str:
+        return str(cell).replace("|", "\\|").replace("\n", " ")
+
+    right = [i > 0 for i in range(len(header))]
+    out = ["| " + " | ".join(esc(h) for h in header) + " |",
+           "|" + "|".join("---:" if r else "---" for r in right) + "|"]
+    out += ["| " + " | ".join(esc(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def render_markdown(result: dict) -> str:
+    """The Markdown report of a bench result (the dict written by --json)."""
+    c, m = result["config"], result["machine"]
+    lines = [
+        f"# edgespec bench: {c.get('model') or c['bundle']}",
+        "",
+        f"Spec-Bench, {result['summary']['overall'].get(result['summary']['baseline'], {}).get('prompts', len(result['questions']))} prompts "
+        f"({c['per_category'] or 'all'} per category), greedy, batch 1, exactly {c['max_new_tokens']} new tokens "
+        f"(EOS ignored), {c['threads']} threads, on {m.get('cpu_model') or 'unknown CPU'} "
+        f"({m.get('physical_cores') or '?'} cores / {m.get('logical_cores') or '?'} threads).",
+        "",
+        "tok/s = new tokens / total time, prefill included (category rows: median over prompts; "
+        "`overall (sum)`: sum of tokens / sum of time). "
+        f"`vs {result['summary']['baseline']}` = speedup of a mode over plain decoding; "
+        f"`{result['summary']['baseline']}/peer` = edgespec plain tokens/s over the peer's. "
+        "τ = mean accepted tokens per target forward (Spec-Bench). TTFT = median time to first token.",
+        "",
+        _md_table(*category_table(result["summary"])),
+        "",
+        _md_table(*systems_table(result)),
+        "",
+    ]
+    versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
+    if versions:
+        lines += [f"Versions: {versions}.", ""]
+    return "\n".join(lines)
+
+
+def print_tables(result: dict, console=None) -> None:
+    """Both tables on a rich console."""
+    from rich.console import Console
+    from rich.table import Table
+
+    if console is None:
+        console = Console()
+        if not console.is_terminal:  # piped or redirected: no 80-column wrapping of the wide tables
+            console = Console(width=200)
+    for title, (header, rows) in (("Spec-Bench per category", category_table(result["summary"])),
+                                  ("systems (overall)", systems_table(result, notes=False))):
+        table = Table(title=title)
+        for i, h in enumerate(header):
+            table.add_column(h, justify="right" if i and h != "status" else "left")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    for note in system_notes(result):
+        console.print(note, markup=False, style="yellow")
+
+
+# ---- machine info and memory ----------------------------------------------------------------------------------------
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict:
+    """CPU model, core counts, memory and the versions of everything measured (without importing torch)."""
+    cpu = None
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                key = line.split(":", 1)[0].strip().lower()
+                if key in ("model name", "hardware", "cpu model") and ":" in line:
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info = {"cpu_model": cpu or platform.processor() or platform.machine(), "logical_cores": os.cpu_count(),
+            "physical_cores": None, "memory_gb": None, "platform": platform.platform(),
+            "python": platform.python_version()}
+    try:
+        import psutil
+
+        info["physical_cores"] = psutil.cpu_count(logical=False)
+        info["memory_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except ImportError:
+        pass
+    info["versions"] = {name: _version(dist) for name, dist in (
+        ("edgespec", "edgespec"), ("onnxruntime", "onnxruntime"), ("numpy", "numpy"), ("tokenizers", "tokenizers"),
+        ("torch", "torch"), ("transformers", "transformers"), ("llama_cpp", "llama_cpp_python"))}
+    return info
+
+
+def _status_kb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_mb() -> float | None:
+    """Resident memory of this process now, MB."""
+    kb = _status_kb("VmRSS")
+    if kb is not None:
+        return kb / 1024
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**20
+    except ImportError:
+        return None
+
+
+def peak_rss_mb() -> float | None:
+    """Peak resident memory of this process, MB (VmHWM, or ru_maxrss)."""
+    kb = _status_kb("VmHWM")
+    if kb is not None:
+        return kb / 1024
+    try:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
+    except (ImportError, OSError):
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Restart the peak RSS count (Linux: /proc/self/clear_refs); False when it cannot (in-process runs only)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---- jobs (what one worker process runs) ----------------------------------------------------------------------------
+def _progress(system: str, i: int, n: int, row: dict) -> None:
+    _log(f"[{system}] {i}/{n} {row['category']} #{row['question_id']}: {row['prompt_tokens']}+{row['new_tokens']} "
+         f"tokens, {_fmt(row['tokens_per_second'], 'tps')} tok/s, TTFT {_fmt(row['time_to_first_token'], 'ms')} ms")
+
+
+def run_mode_job(job: dict, engine=None) -> dict:
+    """Load the bundle, chat-template and encode every question, then run mode `job['system']` over them.
+
+    With `system` None only the prompts are prepared (their token ids feed the peers). The result carries the rows,
+    the prompt ids, the questions skipped because they do not fit the context, and load time / memory.
+    """
+    from .engine import load
+
+    system = job.get("system")
+    n_new = job["max_new_tokens"]
+    t = time.perf_counter()
+    if engine is None:
+        engine = load(job["bundle"], threads=job["threads"], max_context=job["max_context"])
+    load_seconds = time.perf_counter() - t
+    entry = engine.entry
+    result = {"system": system, "kind": "mode", "status": "ok", "note": None, "load_seconds": load_seconds,
+              "load_rss_mb": current_rss_mb(), "threads": engine.threads, "context_length": engine.context_length,
+              "model": {"name": entry.name, "architecture": entry.architecture, "source": dict(entry.source),
+                        "quantization": dict(entry.quantization), "pad_token_id": entry.pad_token_id},
+              "rows": [], "prompts": [], "skipped": []}
+    prompts = []
+    for q in job["questions"]:
+        text = engine.render_chat([{"role": "user", "content": q["prompt"]}])
+        ids = engine.encode(text)
+        if len(ids) + n_new > engine.context_length:
+            result["skipped"].append({"question_id": q["question_id"], "category": q["category"],
+                                      "reason": f"{len(ids)} prompt tokens + {n_new} do not fit the context of "
+                                                f"{engine.context_length} (raise --max-context)"})
+            continue
+        prompts.append((q, text, ids))
+        result["prompts"].append({"question_id": q["question_id"], "category": q["category"], "ids": ids})
+    if system is None or not prompts:
+        return result
+    fn = MODES[system]
+    gen = bench_gen_config(n_new)
+    try:
+        for _ in range(job.get("warmup", 1)):
+            engine.reset()
+            fn(engine, prompts[0][1], {**gen, "max_new_tokens": min(n_new, WARMUP_TOKENS)})
+        for i, (q, text, ids) in enumerate(prompts, 1):
+            engine.reset()
+            token_ids, stats = fn(engine, text, dict(gen))
+            row = make_row(system, "mode", {**q, "ids": ids}, token_ids, stats)
+            result["rows"].append(row)
+            _progress(system, i, len(prompts), row)
+    except ModeUnavailable as exc:
+        result.update(status="skipped", note=str(exc), rows=[])
+    engine.reset()
+    return result
+
+
+class _TimingStreamer:
+    """A transformers streamer that only notes when the first new token arrives (the first put is the prompt)."""
+
+    def __init__(self):
+        self.puts = 0
+        self.first_token_time = None
+
+    def put(self, value) -> None:
+        self.puts += 1
+        if self.puts == 2 and self.first_token_time is None:
+            self.first_token_time = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def run_hf_job(job: dict) -> dict:
+    """Hugging Face transformers `generate` (torch CPU, float32) on the source weights, from the same prompt ids."""
+    try:
+        import torch
+        import transformers
+        from transformers import AutoModelForCausalLM, GenerationConfig
+    except ImportError as exc:
+        raise PeerUnavailable(f"transformers/torch not importable ({exc}); pip install 'edgespec[export]'") from None
+    threads = job["threads"]
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:
+        pass
+    source = Path(job["source_path"])
+    t = time.perf_counter()
+    if source.is_file():  # a GGUF file: transformers dequantizes it to float32
+        model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+    model.eval()
+    load_seconds = time.perf_counter() - t
+    n_new = job["max_new_tokens"]
+    pad = job.get("pad_token_id")
+
+    def config(n):  # a fresh config: no EOS (never stops early), no repetition penalty or sampling from the model's
+        return GenerationConfig(max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                pad_token_id=pad if pad is not None else 0, use_cache=True)
+
+    def run(ids, n):
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        streamer = _TimingStreamer()
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), generation_config=config(n),
+                                 streamer=streamer)
+            total = time.perf_counter() - t0
+        new = out[0, input_ids.shape[1]:].tolist()
+        ttft = (streamer.first_token_time - t0) if streamer.first_token_time else total
+        return new, {"prompt_tokens": len(ids), "new_tokens": len(new), "time_to_first_token": ttft,
+                     "total_seconds": total}
+
+    result = {"system": "hf", "kind": "peer", "status": "ok", "note": None, "load_seconds": load_seconds,
+              "load_rss_mb": current_rss_mb(), "threads": torch.get_num_threads(),
+              "version": f"transformers {transformers.__version__}, torch {torch.__version__}", "rows": []}
+    prompts = job["prompts"]
+    for _ in range(job.get("warmup", 1)):
+        run(prompts[0]["ids"], min(n_new, WARMUP_TOKENS))
+    for i, p in enumerate(prompts, 1):
+        token_ids, stats = run(p["ids"], n_new)
+        row = make_row("hf", "peer", p, token_ids, stats)
+        result["rows"].append(row)
+        _progress("hf", i, len(prompts), row)
+    return result
+
+
+def run_llama_cpp_job(job: dict) -> dict:
+    """llama.cpp through llama-cpp-python on the source GGUF: greedy, exactly N tokens from the same prompt ids."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise PeerUnavailable("llama-cpp-python is not installed (pip install llama-cpp-python)") from None
+    threads = job["threads"]
+    n_new = job["max_new_tokens"]
+    t = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=job["source_path"], n_threads=threads, n_threads_batch=threads,
+                          n_ctx=job["n_ctx"], n_batch=512, seed=0, verbose=False)
+    load_seconds = time.perf_counter() - t
+
+    def run(ids, n):
+        llm.reset()  # forget the previous prompt: no prefix reuse between prompts
+        out = []
+        t0 = time.perf_counter()
+        first = None
+        # temp 0 -> greedy; EOS is not checked by Llama.generate itself, so the counter alone stops it
+        # (generate mutates the list it is given: pass a copy)
+        for token in llm.generate(list(ids), top_k=1, top_p=1.0, min_p=0.0, typical_p=1.0, temp=0.0, repeat_penalty=1.0,
+                                  reset=True):
+            if first is None:
+                first = time.perf_counter()
+            out.append(int(token))
+            if len(out) >= n:
+                break
+        total = time.perf_counter() - t0
+        return out, {"prompt_tokens": len(ids), "new_tokens": len(out), "time_to_first_token": first - t0,
+                     "total_seconds": total}
+
+    result = {"system": "llama.cpp", "kind": "peer", "status": "ok", "note": None, "load_seconds": load_seconds,
+              "load_rss_mb": current_rss_mb(), "threads": threads,
+              "version": f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}", "rows": []}
+    prompts = job["prompts"]
+    for _ in range(job.get("warmup", 1)):
+        run(prompts[0]["ids"], min(n_new, WARMUP_TOKENS))
+    for i, p in enumerate(prompts, 1):
+        token_ids, stats = run(p["ids"], n_new)
+        row = make_row("llama.cpp", "peer", p, token_ids, stats)
+        result["rows"].append(row)
+        _progress("llama.cpp", i, len(prompts), row)
+    return result
+
+
+JOBS = {"mode": run_mode_job, "hf": run_hf_job, "llama.cpp": run_llama_cpp_job}
+
+
+def run_job(job: dict) -> dict:
+    """Run one job in this process; unavailability and errors become a status, never an exception."""
+    try:
+        result = JOBS[job["kind"]](job)
+    except (PeerUnavailable, ModeUnavailable) as exc:
+        result = {"status": "skipped", "note": str(exc), "rows": []}
+    except Exception as exc:  # a failed system must not take the others down
+        traceback.print_exc()
+        result = {"status": "failed", "note": f"{type(exc).__name__}: {exc}", "rows": []}
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def run_subprocess(job: dict, echo: Callable[[str], None] = _log) -> dict:
+    """Run one job in a fresh `python -m edgespec.bench --worker` process; its stderr is echoed as it comes."""
+    with tempfile.TemporaryDirectory(prefix="edgespec-bench-") as tmp:
+        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps(job), encoding="utf-8")
+        env = dict(os.environ)
+        threads = str(job["threads"])
+        env.update(OMP_NUM_THREADS=threads, MKL_NUM_THREADS=threads, TOKENIZERS_PARALLELISM="false")
+        cmd = [sys.executable, "-m", "edgespec.bench", "--worker", str(job_path), "--result", str(result_path)]
+        tail: deque[str] = deque(maxlen=20)
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+                                errors="replace")
+        try:
+            for line in proc.stderr:
+                line = line.rstrip("\n")
+                tail.append(line)
+                echo(line)
+            proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if result_path.is_file():
+            return json.loads(result_path.read_text(encoding="utf-8"))
+        last = " | ".join(l for l in tail if l.strip())[-500:]
+        return {"status": "failed", "note": f"worker exited with code {proc.returncode}: {last}", "rows": []}
+
+
+# ---- the bench ------------------------------------------------------------------------------------------------------
+def _split(value: str | None) -> list[str]:
+    return [v.strip() for v in (value or "").split(",") if v.strip()]
+
+
+def _peer_job(peer: str, args, prompts: list[dict], threads: int, model_info: dict, context_length: int) -> dict | str:
+    """The job of one peer, or the reason it cannot run here."""
+    if peer == "llama.cpp" and importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install llama-cpp-python)"
+    if peer == "hf" and (importlib.util.find_spec("torch") is None or importlib.util.find_spec("transformers") is None):
+        return "torch/transformers are not installed (pip install 'edgespec[export]')"
+    source = model_info.get("source") or {}
+    path = args.peer_model or source.get("path")
+    if not path:
+        return "the bundle's manifest names no source weights (pass --peer-model PATH)"
+    if not Path(path).exists():
+        return f"source weights {path} not found (pass --peer-model PATH)"
+    if peer == "llama.cpp" and not (Path(path).is_file() and str(path).lower().endswith(".gguf")):
+        return f"llama.cpp needs a GGUF file; the source is {path} (pass --peer-model FILE.gguf)"
+    n_ctx = max([len(p["ids"]) for p in prompts] + [0]) + args.max_new_tokens + 8
+    return {"kind": peer, "system": peer, "source_path": str(path), "threads": threads,
+            "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "prompts": prompts,
+            "n_ctx": max(n_ctx, min(context_length, args.max_context or context_length)),
+            "pad_token_id": model_info.get("pad_token_id")}
+
+
+def run_bench(args, echo: Callable[[str], None] = _log) -> dict:
+    """Run every mode and peer and return the full result (the dict --json writes)."""
+    from .runtimes.runner import default_threads
+
+    modes = _split(args.mode)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"unknown mode(s) {', '.join(unknown)}; available: {', '.join(MODES)}")
+    peers = [] if args.no_peers else _split(args.peers)
+    unknown = [p for p in peers if p not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peer(s) {', '.join(unknown)}; available: {', '.join(PEERS)}")
+    if not modes and not peers:
+        raise ValueError("nothing to run: give --mode and/or --peers")
+    if args.max_new_tokens < 1:
+        raise ValueError("--max-new-tokens must be at least 1")
+    categories = _split(args.categories) or None
+    questions = load_spec_bench(args.data, args.per_category, categories, args.limit)
+    if not questions:
+        raise ValueError("no Spec-Bench questions selected")
+    threads = args.threads or default_threads()
+    echo(f"bench: {len(questions)} prompts, modes {', '.join(modes) or '-'}, peers {', '.join(peers) or '-'}, "
+         f"{args.max_new_tokens} new tokens, {threads} threads")
+
+    base_job = {"kind": "mode", "bundle": str(args.bundle), "threads": threads, "max_context": args.max_context,
+                "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "questions": questions}
+    systems: dict[str, dict] = {}
+    rows: list[dict] = []
+    prepared = None  # a mode result with the prompt ids
+
+    def record(name: str, kind: str, res: dict) -> None:
+        info = {k: v for k, v in res.items() if k not in ("rows", "prompts", "skipped", "questions", "system")}
+        info["kind"] = kind
+        systems[name] = info
+        rows.extend(res.get("rows") or [])
+        if res.get("status") != "ok":
+            echo(f"[{name}] {res.get('status')}: {res.get('note')}")
+
+    for mode in modes:
+        job = {**base_job, "system": mode}
+        if args.in_process:
+            reset_peak_rss()
+            res = run_job(job)
+        else:
+            res = run_subprocess(job, echo)
+        record(mode, "mode", res)
+        if prepared is None and res.get("prompts"):
+            prepared = res
+    if peers and prepared is None:  # no mode ran (or all failed): prepare the prompt ids alone
+        res = run_job({**base_job, "system": None}) if args.in_process else run_subprocess({**base_job, "system": None},
+                                                                                          echo)
+        prepared = res if res.get("prompts") else None
+        if prepared is None:
+            echo(f"cannot prepare prompts: {res.get('note')}")
+    model_info = dict((prepared or {}).get("model") or {})
+    for peer in peers:
+        if prepared is None:
+            record(peer, "peer", {"status": "skipped", "note": "no prompt token ids (the bundle could not be loaded)"})
+            continue
+        job = _peer_job(peer, args, prepared["prompts"], threads, model_info, prepared.get("context_length") or 0)
+        if isinstance(job, str):
+            record(peer, "peer", {"status": "skipped", "note": job})
+            continue
+        record(peer, "peer", run_subprocess(job, echo))
+
+    add_agreement(rows, BASELINE)
+    for r in rows:  # the peers' sanity check: every system must have produced exactly N tokens
+        if r["new_tokens"] != args.max_new_tokens:
+            echo(f"warning: {r['system']} produced {r['new_tokens']} tokens (not {args.max_new_tokens}) "
+                 f"for question {r['question_id']}")
+    config = {"bundle": str(args.bundle), "model": model_info.get("name"), "source": model_info.get("source"),
+              "quantization": model_info.get("quantization"), "data": str(args.data),
+              "per_category": args.per_category, "categories": categories, "limit": args.limit,
+              "max_new_tokens": args.max_new_tokens, "threads": threads, "max_context": args.max_context,
+              "modes": modes, "peers": peers, "peer_model": args.peer_model, "warmup": args.warmup,
+              "greedy": True, "batch_size": 1, "ignore_eos": True, "in_process": bool(args.in_process),
+              "baseline": BASELINE}
+    return {
+        "format": RESULT_FORMAT, "version": RESULT_VERSION,
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "machine": machine_info(),
+        "questions": [{"question_id": q["question_id"], "category": q["category"]} for q in questions],
+        "skipped_questions": (prepared or {}).get("skipped", []),
+        "systems": systems,
+        "rows": rows,
+        "summary": summarize_rows(rows, BASELINE),
+    }
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `edgespec bench`."""
+    parser.add_argument("--bundle", "-b", required=True, help="bundle folder")
+    parser.add_argument("--mode", "--modes", dest="mode", default=BASELINE,
+                        help=f"comma-separated decoding modes (available: {', '.join(MODES)}; baseline: {BASELINE})")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma-separated peers on the same weights (default: {','.join(PEERS)})")
+    parser.add_argument("--no-peers", action="store_true", help="measure the modes only")
+    parser.add_argument("--peer-model", default=None,
+                        help="source weights for the peers (GGUF file or HF folder; default: the manifest's source path)")
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="Spec-Bench question.jsonl")
+    parser.add_argument("--per-category", type=int, default=2, help="first N questions of each category (0 = all)")
+    parser.add_argument("--categories", default=None, help="comma-separated categories (default: all)")
+    parser.add_argument("--limit", type=int, default=None, help="at most this many questions in all")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="tokens every system generates (exactly)")
+    parser.add_argument("--threads", type=int, default=None, help="threads for every system (default: the engine's)")
+    parser.add_argument("--max-context", type=int, default=4096, help="engine context (prompt + new tokens must fit)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed short generations before measuring")
+    parser.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the full result here")
+    parser.add_argument("--markdown", default=None, metavar="PATH", help="write the Markdown report here")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run the modes in this process (debugging; peers still get their own process)")
+
+
+def main(args) -> int:
+    """`edgespec bench`: returns 1 when a mode failed, else 0 (skipped or failed peers are only reported)."""
+    from rich.console import Console
+
+    err = Console(stderr=True, highlight=False)
+    result = run_bench(args, echo=lambda line: err.print(line, markup=False, style="dim"))
+    print_tables(result)
+    if result["skipped_questions"]:
+        err.print(f"[yellow]{len(result['skipped_questions'])} question(s) skipped: "
+                  f"{result['skipped_questions'][0]['reason']}[/]")
+    if args.json_path:
+        Path(args.json_path).write_text(json.dumps(result, indent=1, ensure_ascii=False), encoding="utf-8")
+        err.print(f"JSON written to {args.json_path}")
+    if args.markdown:
+        Path(args.markdown).write_text(render_markdown(result), encoding="utf-8")
+        err.print(f"Markdown written to {args.markdown}")
+    failed = [n for n, s in result["systems"].items() if s.get("kind") == "mode" and s.get("status") == "failed"]
+    return 1 if failed else 0
+
+
+def _worker_main(argv=None) -> int:
+    """`python -m edgespec.bench --worker JOB --result OUT`: run one job, write its result as JSON."""
+    p = argparse.ArgumentParser(prog="python -m edgespec.bench", description="internal bench worker")
+    p.add_argument("--worker", required=True, help="job JSON")
+    p.add_argument("--result", required=True, help="result JSON to write")
+    a = p.parse_args(argv)
+    job = json.loads(Path(a.worker).read_text(encoding="utf-8"))
+    result = run_job(job)
+    Path(a.result).write_text(json.dumps(result), encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    # run through the imported module, so modes registered into `edgespec.bench.MODES` by other modules are seen
+    from edgespec.bench import _worker_main as _main
+
+    sys.exit(_main())

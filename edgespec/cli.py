@@ -1,0 +1,227 @@
+"""The `edgespec` command line: export, generate, chat, bench, info, models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime, with a short docstring."
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+def cmd_export(args) -> int:
+    from .export.bundle import ModelRequest, export_bundle
+
+    console = _console()
+    target = ModelRequest(args.target, "target", name=args.name, quant=args.quant)
+    drafters = [ModelRequest(d, "drafter", quant=args.quant) for d in args.drafter or ()]
+    report = export_bundle(target, args.output, drafters, accuracy_level=args.accuracy_level,
+                           eight_bit=args.eight_bit, threads=args.threads,
+                           parity=not args.no_parity, overwrite=args.force, log=lambda m: console.print(m))
+    console.print(f"[bold green]bundle written:[/] {report.bundle} in {report.seconds:.1f} s")
+    for name, stats in report.models.items():
+        console.print(f"  {name}: {stats['graph_bytes'] / 1e6:.0f} MB, {stats['seconds']:.1f} s")
+    return 0
+
+
+def _gen_config(args) -> dict:
+    config = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
+              "top_p": args.top_p, "seed": args.seed}
+    if args.stop:
+        config["stop"] = tuple(args.stop)
+    return config
+
+
+def cmd_generate(args) -> int:
+    from .engine import load
+
+    engine = load(args.bundle, threads=args.threads, max_context=args.max_context)
+    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
+    stream = engine.chat_stream([{"role": "user", "content": prompt}], **_gen_config(args)) if args.chat else \
+        engine.stream(prompt, **_gen_config(args))
+    for piece in stream:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    stats = engine.last_stats
+    if args.json_stats:
+        print(json.dumps(stats.to_dict()))
+    else:
+        _console().print(f"[dim]{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
+                         f"first token {stats.time_to_first_token * 1000:.0f} ms, prompt {stats.prompt_tokens} tokens[/]")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .engine import load
+
+    console = _console()
+    engine = load(args.bundle, threads=args.threads, max_context=args.max_context)
+    if not engine.entry.chat_template:
+        console.print("[yellow]this model has no chat template (a base model): using a plain-text fallback[/]")
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    console.print("[dim]/reset clears the history, /stats shows the last answer's stats, /quit exits; "
+                  "Ctrl-C stops an answer[/]")
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            console.print()
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/quit", "/exit"):
+            return 0
+        if text == "/reset":
+            messages = messages[:1] if args.system else []
+            engine.reset()
+            console.print("[dim]history cleared[/]")
+            continue
+        if text == "/stats":
+            console.print(json.dumps(engine.last_stats.to_dict() if engine.last_stats else {}, indent=2))
+            continue
+        messages.append({"role": "user", "content": text})
+        answer = []
+        try:
+            for piece in engine.chat_stream(messages, **_gen_config(args)):
+                answer.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            sys.stdout.write(" [stopped]")
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(answer)})
+
+
+def cmd_info(args) -> int:
+    from .runtimes.manifest import load_manifest
+
+    manifest = load_manifest(args.bundle)
+    if args.json:
+        print(json.dumps(manifest.raw, indent=2))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bundle {manifest.root}")
+    for col in ("model", "role", "arch", "layers", "heads/kv", "vocab", "quant", "top-1 vs ref", "ppl (ref)", "size MB"):
+        table.add_column(col)
+    for name, m in manifest.models.items():
+        acc = m.accuracy
+        size = sum(f.stat().st_size for f in m.graph_path.parent.iterdir()) / 1e6
+        table.add_row(name, m.role, m.architecture, str(m.num_layers), f"{m.num_heads}/{m.num_kv_heads}",
+                      str(m.vocab_size), m.quantization.get("mode", "?"),
+                      f"{acc['top1_agreement']:.1%}" if "top1_agreement" in acc else "-",
+                      f"{acc['perplexity']:.2f} ({acc['reference_perplexity']:.2f})" if "perplexity" in acc else "-",
+                      f"{size:.0f}")
+    Console().print(table)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from .export import sources
+
+    if args.fetch:
+        path = sources.resolve(args.fetch)
+        print(path.path)
+        return 0
+    for name in sources.known_names():
+        src = sources.MODELS[name]
+        print(f"{name:22s} {src.size / 1e6:8.0f} MB  {src.description}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import main as bench_main
+
+    return bench_main(args)
+
+
+def _add_generation_args(p) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--max-context", type=int, default=4096)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse parser for every subcommand."""
+    parser = argparse.ArgumentParser(prog="edgespec", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("export", help="export a target (+ drafters) into a bundle folder")
+    p.add_argument("target", help="short model name, .gguf file or Hugging Face folder")
+    p.add_argument("-o", "--output", required=True, help="bundle folder to write")
+    p.add_argument("--drafter", action="append", help="drafter model (repeatable)")
+    p.add_argument("--quant", choices=["gguf", "fp32", "int8", "int4"], default=None,
+                   help="default: gguf (exact GGUF blocks) for GGUF sources, fp32 for HF folders")
+    p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy level: 0 exact fp32 math, 4 int8 activations (faster, approximate)")
+    p.add_argument("--eight-bit", choices=["fp32", "split", "nbits"], default="fp32",
+                   help="form of 8-bit GGUF blocks (Q6_K/Q5_0/Q8_0): fp32 exact+fast (default), split exact+compact, "
+                        "nbits one 8-bit MatMulNBits (use with --accuracy-level 4)")
+    p.add_argument("--name", default=None, help="name of the target inside the bundle")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-parity", action="store_true", help="skip the torch reference check")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="generate a completion")
+    p.add_argument("prompt", nargs="?", default=None, help=f"prompt (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--bundle", "-b", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    p.add_argument("--json-stats", action="store_true")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat")
+    p.add_argument("--bundle", "-b", required=True)
+    p.add_argument("--system", default=None)
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_chat, max_new_tokens=512)
+
+    p = sub.add_parser("info", help="describe a bundle")
+    p.add_argument("bundle")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("models", help="list the known model sources, or fetch one")
+    p.add_argument("--fetch", metavar="NAME")
+    p.set_defaults(func=cmd_models)
+
+    from .bench import add_arguments as bench_arguments
+
+    p = sub.add_parser("bench", help="benchmark on Spec-Bench against peers")
+    bench_arguments(p)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv=None) -> int:
+    """Entry point of the `edgespec` command."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+        if os.environ.get("EDGESPEC_DEBUG"):
+            raise
+        _console().print(f"[bold red]error:[/] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,251 @@
+"""The engine: a loaded bundle that generates text (`edgespec.load(...)` returns one).
+
+Generation is split into small phases in the manner of gpt-fast: `_prefill` feeds the prompt (reusing the cached
+prefix of the previous call), `_decode_step` scores one token, and `_run` drives them, applying stop rules. Every
+path yields token ids one at a time; `stream` turns them into text pieces that never split a character.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import numpy as np
+
+from .chat import render_chat
+from .runtimes.manifest import Manifest, ModelEntry, load_manifest
+from .runtimes.runner import ContextOverflow, ModelRunner, default_threads
+from .sampling import GenerationConfig, greedy, process_logits, sample
+from .text import StopMatcher, StreamDecoder, Tokenizer
+
+
+@dataclass
+class GenerationStats:
+    """Counts and timings of one generation."""
+
+    prompt_tokens: int = 0
+    reused_prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0  # target forward passes after prefill
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
+    time_to_first_token: float = 0.0
+    total_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """New tokens per second of decoding (after the first token)."""
+        return (self.new_tokens - 1) / self.decode_seconds if self.decode_seconds > 0 and self.new_tokens > 1 else 0.0
+
+    @property
+    def mean_accepted_tokens(self) -> float:
+        """Spec-Bench's metric: tokens produced per target forward (1.0 for plain decoding)."""
+        return self.new_tokens / self.steps if self.steps else 0.0
+
+    def to_dict(self) -> dict:
+        """Plain dict, with the derived rates."""
+        d = dict(self.__dict__)
+        d["tokens_per_second"] = round(self.tokens_per_second, 3)
+        d["mean_accepted_tokens"] = round(self.mean_accepted_tokens, 3)
+        return d
+
+
+@dataclass
+class GenerationResult:
+    """Text, tokens and stats of one generation."""
+
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class Engine:
+    """A loaded bundle: target runner, tokenizer and chat template."""
+
+    def __init__(self, manifest: Manifest, threads: int | None = None, max_context: int | None = None,
+                 model: str | None = None):
+        self.manifest = manifest
+        self.entry: ModelEntry = manifest.models[model] if model else manifest.target_model
+        self.threads = threads or default_threads()
+        self.tokenizer = Tokenizer(str(self.entry.tokenizer_path))
+        if self.tokenizer.vocab_size > self.entry.vocab_size:
+            raise ValueError(f"tokenizer {self.entry.tokenizer_path} has {self.tokenizer.vocab_size} tokens but the "
+                             f"model's vocabulary is {self.entry.vocab_size}: wrong tokenizer for this model")
+        self.runner = ModelRunner(self.entry, threads=self.threads, max_context=max_context)
+        self._cached_ids: list[int] = []  # token ids whose K/V are committed in the runner's cache
+        self._lock = threading.Lock()
+        self.last_stats: GenerationStats | None = None
+
+    # ---- public API -------------------------------------------------------------------------------------------
+    @property
+    def context_length(self) -> int:
+        """Tokens of context this engine can hold."""
+        return self.runner.max_context
+
+    def encode(self, prompt: str) -> list[int]:
+        """Prompt text -> token ids (BOS added when the model wants one)."""
+        ids = self.tokenizer.encode(prompt)
+        if self.entry.add_bos and self.entry.bos_token_id is not None and (not ids or ids[0] != self.entry.bos_token_id):
+            ids = [self.entry.bos_token_id] + ids
+        return ids
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """The prompt text for `messages` under the model's chat template (plain-text fallback without one)."""
+        tok = self.tokenizer
+        bos = tok.id_to_token(self.entry.bos_token_id) if self.entry.bos_token_id is not None else ""
+        eos = tok.id_to_token(self.entry.eos_token_ids[0]) if self.entry.eos_token_ids else ""
+        text = render_chat(self.entry.chat_template, messages, add_generation_prompt=add_generation_prompt,
+                           bos_token=bos or "", eos_token=eos or "")
+        if self.entry.chat_template and bos and self.entry.add_bos and text.startswith(bos):
+            text = text[len(bos):]  # encode() adds the BOS id itself
+        return text
+
+    def generate(self, prompt: str | list[int], **config) -> GenerationResult:
+        """Generate a completion of `prompt` (text or token ids). Keyword arguments are GenerationConfig fields."""
+        pieces = []
+        gen = self._generate(prompt, self._config(config))
+        try:
+            while True:
+                pieces.append(next(gen))
+        except StopIteration as stop:
+            result: GenerationResult = stop.value
+        result.text = "".join(pieces)
+        return result
+
+    def stream(self, prompt: str | list[int], **config) -> Iterator[str]:
+        """Yield text pieces as they are generated (never splitting a multi-byte character)."""
+        yield from self._generate(prompt, self._config(config))
+
+    def chat(self, messages: list[dict], **config) -> GenerationResult:
+        """Answer the conversation `messages` ([{role, content}, ...]) using the model's chat template."""
+        return self.generate(self.render_chat(messages), **config)
+
+    def chat_stream(self, messages: list[dict], **config) -> Iterator[str]:
+        """Streaming form of `chat`."""
+        return self.stream(self.render_chat(messages), **config)
+
+    def reset(self) -> None:
+        """Forget the cached prefix."""
+        self.runner.reset()
+        self._cached_ids = []
+
+    # ---- phases -----------------------------------------------------------------------------------------------
+    def _config(self, overrides: dict) -> GenerationConfig:
+        unknown = set(overrides) - set(GenerationConfig.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        config = GenerationConfig(**overrides)
+        config.validate()
+        return config
+
+    def _stop_ids(self, config: GenerationConfig) -> set[int]:
+        if config.ignore_eos:
+            return set()
+        if config.eos_token_ids is not None:
+            return set(config.eos_token_ids)
+        return set(self.entry.eos_token_ids)
+
+    def _prefill(self, ids: list[int], stats: GenerationStats) -> np.ndarray:
+        """Feed the prompt, reusing the longest cached prefix; returns the logits after the last prompt token."""
+        common = 0
+        for a, b in zip(self._cached_ids, ids[:-1]):  # always re-run at least the last prompt token
+            if a != b:
+                break
+            common += 1
+        self.runner.rewind(common)
+        self._cached_ids = self._cached_ids[:common]
+        stats.reused_prompt_tokens = common
+        logits = self.runner.prefill(ids[common:])
+        self._cached_ids = list(ids)
+        return logits
+
+    def _decode_step(self, token: int) -> np.ndarray:
+        """Append one token and return the logits that follow it."""
+        logits = self.runner.forward([token])[0]
+        self.runner.commit()
+        self._cached_ids.append(token)
+        return logits
+
+    def _choose(self, logits: np.ndarray, config: GenerationConfig, rng) -> int:
+        if config.is_greedy:
+            return greedy(logits)
+        return sample(process_logits(logits, config.temperature, config.top_k, config.top_p), rng)
+
+    def _tokens(self, ids: list[int], config: GenerationConfig, stats: GenerationStats) -> Iterator[int]:
+        """The plain decoding loop: yields each new token id (the caller decides when to stop)."""
+        rng = np.random.default_rng(config.seed)
+        start = time.perf_counter()
+        logits = self._prefill(ids, stats)
+        stats.prefill_seconds = time.perf_counter() - start
+        while True:
+            token = self._choose(logits, config, rng)
+            yield token
+            t = time.perf_counter()
+            logits = self._decode_step(token)
+            stats.decode_seconds += time.perf_counter() - t
+            stats.steps += 1
+
+    def _generate(self, prompt: str | list[int], config: GenerationConfig):
+        """Generator of text pieces; returns the GenerationResult (text filled in by the caller)."""
+        with self._lock:
+            ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+            if not ids:
+                raise ValueError("empty prompt")
+            if len(ids) >= self.context_length:
+                raise ContextOverflow(f"prompt has {len(ids)} tokens; the context length is {self.context_length}")
+            bad = [i for i in ids if not 0 <= i < self.entry.vocab_size]
+            if bad:
+                raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.entry.vocab_size}")
+            stats = GenerationStats(prompt_tokens=len(ids))
+            budget = min(config.max_new_tokens, self.context_length - len(ids))
+            stop_ids = self._stop_ids(config)
+            decoder = StreamDecoder(self.tokenizer)
+            matcher = StopMatcher(list(config.stop))
+            out_ids: list[int] = []
+            finish = "length"
+            t0 = time.perf_counter()
+            tokens = self._tokens(ids, config, stats) if budget > 0 else iter(())
+            try:
+                for token in tokens:
+                    if not out_ids:
+                        stats.time_to_first_token = time.perf_counter() - t0
+                    if token in stop_ids:
+                        finish = "stop"
+                        break
+                    out_ids.append(token)
+                    piece = matcher.push(decoder.push(token))
+                    if piece:
+                        yield piece
+                    if matcher.stopped:
+                        finish = "stop"
+                        break
+                    if len(out_ids) >= budget:
+                        break
+            finally:
+                tokens.close() if hasattr(tokens, "close") else None
+            if not matcher.stopped:
+                tail = matcher.push(decoder.flush()) + (matcher.flush() if not matcher.stopped else "")
+                if tail:
+                    yield tail
+                if matcher.stopped:
+                    finish = "stop"
+            stats.new_tokens = len(out_ids)
+            stats.total_seconds = time.perf_counter() - t0
+            self.last_stats = stats
+        return GenerationResult(text="", token_ids=out_ids, finish_reason=finish, stats=stats)
+
+
+def load(bundle_dir, threads: int | None = None, max_context: int | None = None, model: str | None = None) -> Engine:
+    """Load a bundle folder and return an Engine for its target (or the named model).
+
+    >>> engine = edgespec.load("bundles/qwen")            # doctest: +SKIP
+    >>> engine.generate("def add(a, b):", max_new_tokens=32).text   # doctest: +SKIP
+    """
+    return Engine(load_manifest(bundle_dir), threads=threads, max_context=max_context, model=model)

@@ -1,0 +1,324 @@
+"""Build the tree-capable decoder graph (see docs/contracts.md, "Graph I/O") for qwen2 / llama / gemma3.
+
+Weights come from a `WeightSource`: `get(name)` returns a float32 ndarray or a `BlockQuantized` (GGUF blocks kept
+as they are, for MatMulNBits). Names follow GGUF (`token_embd.weight`, `blk.3.attn_q.weight`, ...); linear weights are
+[out, in]. Initializers are streamed into one external data file as the graph is built, so memory stays low.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .arch import ArchSpec
+from .quant import BlockQuantized, matmul_nbits_initializers, to_fast_4bit
+
+OPSET = 21
+MS_DOMAIN = "com.microsoft"
+MASK_VALUE = -1e30  # additive bias for hidden positions (finite: never produces NaN from -inf - -inf)
+
+
+class WeightSource(Protocol):
+    """Where the builder reads weights from."""
+
+    def get(self, name: str) -> np.ndarray | BlockQuantized: ...
+
+    def has(self, name: str) -> bool: ...
+
+
+@dataclass
+class BuildOptions:
+    """Knobs for graph construction."""
+
+    accuracy_level: int = 0  # MatMulNBits: 0 = fp32 math on exact dequantized weights, 4 = int8 activations
+    # 8-bit GGUF blocks (Q6_K, Q5_0, Q8_0): "fp32" = exact dense weights (fast, 4x memory), "split" = exact 4-bit
+    # nibble halves over a doubled K (compact, slower for T > 1), "nbits" = one 8-bit MatMulNBits (exact but slow at
+    # accuracy_level 0; fast and approximate at 4)
+    eight_bit: str = "fp32"
+
+
+class ExternalData:
+    """Appends initializers to one external data file and returns TensorProtos that reference it."""
+
+    ALIGN = 64
+
+    def __init__(self, path: str):
+        self.path = path
+        self.location = os.path.basename(path)
+        self._file = open(path, "wb")
+        self.offset = 0
+
+    def add(self, name: str, array: np.ndarray) -> TensorProto:
+        """Write `array` and return an external-data TensorProto named `name`."""
+        array = np.ascontiguousarray(array)
+        tensor = TensorProto()
+        tensor.name = name
+        tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+        tensor.dims.extend(array.shape)
+        pad = (-self.offset) % self.ALIGN
+        if pad:
+            self._file.write(b"\0" * pad)
+            self.offset += pad
+        data = array.tobytes()
+        self._file.write(data)
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", str(self.offset)), ("length", str(len(data)))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += len(data)
+        return tensor
+
+    def close(self):
+        """Flush and close the data file."""
+        self._file.close()
+
+
+class _Graph:
+    """Minimal node/initializer bookkeeping with unique names."""
+
+    def __init__(self, data: ExternalData):
+        self.nodes: list = []
+        self.initializers: list = []
+        self.data = data
+        self._count = 0
+        self._consts: set[str] = set()
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def op(self, op_type: str, inputs: list[str], n_out: int = 1, domain: str = "", hint: str | None = None, **attrs):
+        outs = [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(op_type), domain=domain, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def op_to(self, op_type: str, inputs: list[str], outputs: list[str], domain: str = "", **attrs):
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, name=self.name(op_type), domain=domain, **attrs))
+
+    def const(self, name: str, array) -> str:
+        """A named constant, written once however often it is asked for."""
+        if name in self._consts:
+            return name
+        self._consts.add(name)
+        array = np.asarray(array)
+        if array.size > 16:
+            self.initializers.append(self.data.add(name, array))
+        else:
+            self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(self.data.add(name, array))
+        return name
+
+
+def _nbits(g: _Graph, x: str, q: BlockQuantized, name: str, accuracy_level: int) -> str:
+    """One MatMulNBits node for `q` (initializers streamed to the data file)."""
+    tensors, inputs, attrs = matmul_nbits_initializers(q, name)
+    for t in tensors:
+        g.initializers.append(g.data.add(t.name, numpy_helper.to_array(t)) if len(t.raw_data) > 64 else t)
+    return g.op("MatMulNBits", [x, *inputs], domain=MS_DOMAIN, accuracy_level=accuracy_level, **attrs)
+
+
+def _linear(g: _Graph, x: str, weight, name: str, opts: BuildOptions, bias: np.ndarray | None = None) -> str:
+    """y = x @ W^T (+ b) for a float32 [out, in] weight or GGUF blocks, in the fastest exact form we know.
+
+    4-bit blocks with integer zero points run MatMulNBits as they are; non-integer zero points (Q4_K, Q4_1) become
+    zero point 0 plus a per-block offset term `blocksum(x) @ offsets^T` (llama.cpp's own d*sum(qx) - m*sum(x)
+    split), which keeps ORT on its fast kernel. 8-bit blocks follow `opts.eight_bit`.
+    """
+    if isinstance(weight, BlockQuantized) and weight.bits == 8 and opts.eight_bit == "fp32":
+        weight = weight.dequantize()
+    if isinstance(weight, BlockQuantized) and weight.bits == 8 and opts.eight_bit == "nbits" and \
+            weight.integer_zero_points:
+        y = _nbits(g, x, weight, name, opts.accuracy_level)
+    elif isinstance(weight, BlockQuantized):
+        fast = to_fast_4bit(weight)
+        a = g.op("Concat", [x, x], axis=-1) if fast.repeat == 2 else x
+        y = _nbits(g, a, fast.weight, name, opts.accuracy_level)
+        if fast.block_offsets is not None:
+            kb = fast.block_offsets.shape[1]
+            shape = g.const(f"blocks_{kb}x{weight.block_size}", np.array([1, -1, kb, weight.block_size], np.int64))
+            sums = g.op("ReduceSum", [g.op("Reshape", [x, shape]), g.const("axis_last", np.array([-1], np.int64))],
+                        keepdims=0)
+            y = g.op("Add", [y, g.op("MatMul", [sums, g.weight(name + ".offsets", fast.block_offsets.T.copy())])])
+    else:
+        w = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)
+        y = g.op("MatMul", [x, g.weight(name + ".wT", w)])
+    if bias is not None:
+        y = g.op("Add", [y, g.const(name + ".bias", np.asarray(bias, dtype=np.float32))])
+    return y
+
+
+def _embedding(g: _Graph, ids: str, table, name: str) -> str:
+    """Rows of the embedding table for `ids` ([1, T] -> [1, T, H]), dequantizing only the gathered rows."""
+    if not isinstance(table, BlockQuantized):
+        return g.op("Gather", [g.weight(name, np.asarray(table, dtype=np.float32)), ids], axis=0)
+    q = table
+    packed = g.weight(name + ".qweight", q.packed)  # [V, nb, blob]
+    rows = g.op("Gather", [packed, ids], axis=0)  # [1, T, nb, blob] uint8
+    if q.bits == 8:
+        codes = g.op("Cast", [rows], to=TensorProto.FLOAT)
+    else:
+        low = g.op("BitwiseAnd", [rows, g.const(name + ".mask", np.array(15, dtype=np.uint8))])
+        high = g.op("BitShift", [rows, g.const(name + ".shift", np.array(4, dtype=np.uint8))], direction="RIGHT")
+        axis = g.const(name + ".ax", np.array([-1], dtype=np.int64))
+        pair = g.op("Concat", [g.op("Unsqueeze", [low, axis]), g.op("Unsqueeze", [high, axis])], axis=-1)
+        shape4 = g.const(name + ".shape4", np.array([1, -1, q.packed.shape[1], q.block_size], dtype=np.int64))
+        codes = g.op("Cast", [g.op("Reshape", [pair, shape4])], to=TensorProto.FLOAT)
+    codes = g.op("Reshape", [codes, g.const(name + ".s4", np.array([1, -1, q.packed.shape[1], q.block_size], np.int64))])
+    axis_last = g.const(name + ".axl", np.array([-1], dtype=np.int64))
+    scales = g.op("Unsqueeze", [g.op("Gather", [g.weight(name + ".scales", q.scales), ids], axis=0), axis_last])
+    if q.zero_points is not None:
+        zp = g.op("Unsqueeze", [g.op("Gather", [g.weight(name + ".zp", q.zero_points), ids], axis=0), axis_last])
+    else:
+        zp = g.const(name + ".zp_default", np.array(8.0 if q.bits == 4 else 128.0, dtype=np.float32))
+    values = g.op("Mul", [g.op("Sub", [codes, zp]), scales])
+    return g.op("Reshape", [values, g.const(name + ".s3", np.array([1, -1, q.k], dtype=np.int64))])
+
+
+def _rms_norm(g: _Graph, x: str, weight: np.ndarray, name: str, eps: float) -> str:
+    """RMS norm over the last axis (fused SimplifiedLayerNormalization)."""
+    w = g.const(name, np.asarray(weight, dtype=np.float32))
+    return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=float(eps), stash_type=1)
+
+
+def _rope_tables(g: _Graph, positions: str, head_dim: int, theta: float, tag: str) -> tuple[str, str]:
+    """cos/sin of shape [1, T, 1, head_dim] for NEOX-style rotary embedding at the given positions."""
+    inv_freq = 1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    pos = g.op("Cast", [positions], to=TensorProto.FLOAT)  # [1, T]
+    pos = g.op("Unsqueeze", [pos, g.const(f"rope_{tag}.ax", np.array([-1], dtype=np.int64))])  # [1, T, 1]
+    freqs = g.op("Mul", [pos, g.const(f"rope_{tag}.inv_freq", inv_freq.astype(np.float32).reshape(1, 1, -1))])
+    emb = g.op("Concat", [freqs, freqs], axis=-1)  # [1, T, hd]
+    emb = g.op("Unsqueeze", [emb, g.const(f"rope_{tag}.ax2", np.array([2], dtype=np.int64))])  # [1, T, 1, hd]
+    return g.op("Cos", [emb], hint=f"cos_{tag}"), g.op("Sin", [emb], hint=f"sin_{tag}")
+
+
+def _apply_rope(g: _Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
+    """x * cos + rotate_half(x) * sin for x of shape [1, T, heads, head_dim]."""
+    half = head_dim // 2
+    x1, x2 = g.op("Split", [x, g.const(f"rope_split_{half}", np.array([half, half], dtype=np.int64))], n_out=2, axis=-1)
+    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+
+
+def _attention(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str, rope, bias: str, opts) -> str:
+    """Self-attention of the T new tokens over the past KV (graph input) plus themselves; emits new K/V."""
+    p = f"blk.{i}"
+    nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
+    group = nh // nkv
+
+    def proj(kind: str) -> str:
+        b = weights.get(f"{p}.attn_{kind}.bias") if weights.has(f"{p}.attn_{kind}.bias") else None
+        return _linear(g, x, weights.get(f"{p}.attn_{kind}.weight"), f"{p}.attn_{kind}", opts, b)
+
+    def heads(t: str, n: int) -> str:
+        return g.op("Reshape", [t, g.const(f"shape_heads_{n}", np.array([1, -1, n, hd], dtype=np.int64))])
+
+    q, k, v = heads(proj("q"), nh), heads(proj("k"), nkv), heads(proj("v"), nkv)  # [1, T, n, hd]
+    if spec.qk_norm:
+        q = _rms_norm(g, q, weights.get(f"{p}.attn_q_norm.weight"), f"{p}.attn_q_norm", spec.rms_norm_eps)
+        k = _rms_norm(g, k, weights.get(f"{p}.attn_k_norm.weight"), f"{p}.attn_k_norm", spec.rms_norm_eps)
+    cos, sin = rope
+    q = _apply_rope(g, q, cos, sin, hd)
+    k = _apply_rope(g, k, cos, sin, hd)
+    q = g.op("Transpose", [q], perm=[0, 2, 1, 3])  # [1, nh, T, hd]
+    g.op_to("Transpose", [k], [f"new_key_{i}"], perm=[0, 2, 1, 3])  # [1, nkv, T, hd]
+    g.op_to("Transpose", [v], [f"new_value_{i}"], perm=[0, 2, 1, 3])
+    # Query heads that share a KV head are stacked along the sequence axis: [1, nkv, group*T, hd].
+    qg = g.op("Reshape", [q, g.const("shape_qgroup", np.array([1, nkv, -1, hd], dtype=np.int64))])
+    s_past = g.op("FusedMatMul", [qg, f"past_key_{i}"], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
+    s_new = g.op("FusedMatMul", [qg, f"new_key_{i}"], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
+    scores = g.op("Concat", [s_past, s_new], axis=-1)  # [1, nkv, group*T, P+T]
+    total = g.op("Shape", [scores], start=3)  # [P+T]
+    t_len = g.op("Shape", [q], start=2, end=3)  # [T]
+    per_head = g.op("Concat", [g.const("one_nh", np.array([1, nh], dtype=np.int64)), t_len, total], axis=0)
+    scores = g.op("Add", [g.op("Reshape", [scores, per_head]), bias])  # [1, nh, T, P+T]
+    probs = g.op("Softmax", [scores], axis=-1)
+    grouped = g.op("Concat", [g.const("one_nkv", np.array([1, nkv, -1], dtype=np.int64)), total], axis=0)
+    probs = g.op("Reshape", [probs, grouped])
+    p_len = g.op("Shape", [f"past_key_{i}"], start=2, end=3)
+    probs_past, probs_new = g.op("Split", [probs, g.op("Concat", [p_len, t_len], axis=0)], n_out=2, axis=-1)
+    out = g.op("Add", [g.op("MatMul", [probs_past, f"past_value_{i}"]), g.op("MatMul", [probs_new, f"new_value_{i}"])])
+    out = g.op("Reshape", [out, g.const("shape_heads_back", np.array([1, nh, -1, hd], dtype=np.int64))])
+    out = g.op("Transpose", [out], perm=[0, 2, 1, 3])
+    out = g.op("Reshape", [out, g.const("shape_merge", np.array([1, -1, nh * hd], dtype=np.int64))])
+    return _linear(g, out, weights.get(f"{p}.attn_output.weight"), f"{p}.attn_output", opts)
+
+
+def _mlp(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str, opts) -> str:
+    p = f"blk.{i}"
+    gate = _linear(g, x, weights.get(f"{p}.ffn_gate.weight"), f"{p}.ffn_gate", opts)
+    up = _linear(g, x, weights.get(f"{p}.ffn_up.weight"), f"{p}.ffn_up", opts)
+    if spec.activation == "silu":
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
+    else:
+        act = g.op("FastGelu", [gate], domain=MS_DOMAIN)
+    return _linear(g, g.op("Mul", [act, up]), weights.get(f"{p}.ffn_down.weight"), f"{p}.ffn_down", opts)
+
+
+def build_decoder(spec: ArchSpec, weights: WeightSource, out_dir: str, opts: BuildOptions | None = None) -> str:
+    """Write `model.onnx` + `model.onnx.data` for `spec` into `out_dir`; returns the graph path."""
+    opts = opts or BuildOptions()
+    os.makedirs(out_dir, exist_ok=True)
+    data = ExternalData(os.path.join(out_dir, "model.onnx.data"))
+    g = _Graph(data)
+    nkv, hd = spec.num_kv_heads, spec.head_dim
+    inputs = [
+        helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, "T"]),
+        helper.make_tensor_value_info("position_ids", TensorProto.INT64, [1, "T"]),
+        helper.make_tensor_value_info("attention_bias", TensorProto.FLOAT, [1, 1, "T", "PT"]),
+    ]
+    if spec.has_sliding_layers:
+        inputs.append(helper.make_tensor_value_info("attention_bias_local", TensorProto.FLOAT, [1, 1, "T", "PT"]))
+    inputs.append(helper.make_tensor_value_info("logit_positions", TensorProto.INT64, ["K"]))
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "K", spec.vocab_size])]
+    for i in range(spec.num_layers):
+        for kind in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, [1, nkv, "P", hd]))
+            outputs.append(helper.make_tensor_value_info(f"new_{kind}_{i}", TensorProto.FLOAT, [1, nkv, "T", hd]))
+
+    embed_table = weights.get("token_embd.weight")
+    h = _embedding(g, "input_ids", embed_table, "token_embd")
+    if spec.embedding_scale != 1.0:
+        h = g.op("Mul", [h, g.const("embed_scale", np.array(spec.embedding_scale, dtype=np.float32))])
+    rope_full = _rope_tables(g, "position_ids", hd, spec.rope_theta, "full")
+    rope_local = _rope_tables(g, "position_ids", hd, spec.rope_local_theta, "local") if spec.has_sliding_layers else None
+    eps = spec.rms_norm_eps
+    for i in range(spec.num_layers):
+        p = f"blk.{i}"
+        sliding = spec.layer_types[i] == "sliding"
+        rope = rope_local if sliding else rope_full
+        bias = "attention_bias_local" if sliding else "attention_bias"
+        a = _rms_norm(g, h, weights.get(f"{p}.attn_norm.weight"), f"{p}.attn_norm", eps)
+        a = _attention(g, spec, weights, i, a, rope, bias, opts)
+        if spec.sandwich_norm:
+            a = _rms_norm(g, a, weights.get(f"{p}.post_attention_norm.weight"), f"{p}.post_attention_norm", eps)
+        h = g.op("Add", [h, a])
+        m = _rms_norm(g, h, weights.get(f"{p}.ffn_norm.weight"), f"{p}.ffn_norm", eps)
+        m = _mlp(g, spec, weights, i, m, opts)
+        if spec.sandwich_norm:
+            m = _rms_norm(g, m, weights.get(f"{p}.post_ffw_norm.weight"), f"{p}.post_ffw_norm", eps)
+        h = g.op("Add", [h, m])
+    h = g.op("Gather", [h, "logit_positions"], axis=1)  # only the requested positions reach the LM head
+    h = _rms_norm(g, h, weights.get("output_norm.weight"), "output_norm", eps)
+    head = embed_table if spec.tie_embeddings else weights.get("output.weight")
+    logits = _linear(g, h, head, "output", opts)
+    g.op_to("Identity", [logits], ["logits"])
+    data.close()
+
+    graph = helper.make_graph(g.nodes, "edgespec_decoder", inputs, outputs, initializer=g.initializers)
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS_DOMAIN, 1)],
+        producer_name="edgespec",
+        ir_version=10,
+    )
+    path = os.path.join(out_dir, "model.onnx")
+    onnx.save_model(model, path)
+    return path

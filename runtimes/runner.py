@@ -1,0 +1,157 @@
+"""ONNX Runtime runner for one bundle model: owns the session and the KV cache.
+
+One call to `forward` scores T new tokens that form a tree (a chain by default) on top of the committed cache and
+stages their K/V; `commit(keep)` then keeps the accepted ones. Prefill runs in chunks through the same path.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from .kvcache import KVCache, attention_bias, tree_ancestors, tree_depths
+from .manifest import BundleError, ModelEntry
+
+
+class ContextOverflow(ValueError):
+    """The prompt (plus what is to be generated) does not fit in the context length."""
+
+
+def default_threads() -> int:
+    """Threads to use by default: the physical-ish core count (os.cpu_count, at most 8)."""
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def make_session(path: str, threads: int | None = None) -> ort.InferenceSession:
+    """An ORT CPU session with `threads` intra-op threads and full graph optimisation."""
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads or default_threads()
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises several exception types for unreadable graphs
+        raise BundleError(f"cannot load ONNX graph {path}: {exc}") from None
+
+
+@dataclass
+class ForwardTiming:
+    """Accumulated wall time spent inside ORT and preparing inputs."""
+
+    run_seconds: float = 0.0
+    calls: int = 0
+    tokens: int = 0
+
+
+class ModelRunner:
+    """Runs one bundle model: tree-masked forwards over a speculation-ready KV cache."""
+
+    def __init__(self, entry: ModelEntry, threads: int | None = None, max_context: int | None = None,
+                 session: ort.InferenceSession | None = None):
+        self.entry = entry
+        self.threads = threads or default_threads()
+        self.session = session or make_session(str(entry.graph_path), self.threads)
+        self.max_context = min(max_context or entry.context_length, entry.context_length)
+        self._check_graph()
+        self.cache = KVCache(entry.num_layers, entry.num_kv_heads, entry.head_dim, self.max_context)
+        self._windowed = entry.has_sliding_layers
+        self._output_names = ["logits"] + [
+            f"new_{kind}_{i}" for i in range(entry.num_layers) for kind in ("key", "value")]
+        self.timing = ForwardTiming()
+
+    def _check_graph(self) -> None:
+        names = {i.name: i for i in self.session.get_inputs()}
+        e = self.entry
+        expected = ["input_ids", "position_ids", "attention_bias", "logit_positions"]
+        expected += [f"past_{k}_{i}" for i in range(e.num_layers) for k in ("key", "value")]
+        missing = [n for n in expected if n not in names]
+        if missing:
+            raise BundleError(f"graph {e.graph_path} lacks inputs {missing[:4]}: it does not match the manifest")
+        shape = names["past_key_0"].shape
+        if shape[1] != e.num_kv_heads or shape[3] != e.head_dim:
+            raise BundleError(f"graph {e.graph_path} KV shape {shape} does not match the manifest "
+                              f"(kv heads {e.num_kv_heads}, head dim {e.head_dim})")
+        vocab = self.session.get_outputs()[0].shape[-1]
+        if isinstance(vocab, int) and vocab != e.vocab_size:
+            raise BundleError(f"graph {e.graph_path} has vocabulary {vocab}, the manifest says {e.vocab_size}")
+
+    @property
+    def length(self) -> int:
+        """Committed tokens in the cache."""
+        return self.cache.length
+
+    def forward(self, tokens, parents=None, logit_positions=None) -> np.ndarray:
+        """Score `tokens` (a tree given by `parents`, -1 = child of the committed context; None = a chain).
+
+        Returns logits [K, vocab] for `logit_positions` (default: every node). The new K/V are staged; call
+        `commit(keep)` to keep a subset.
+        """
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        t = len(tokens)
+        if t == 0:
+            raise ValueError("forward() needs at least one token")
+        if parents is None:
+            parents = np.arange(-1, t - 1, dtype=np.int64)
+        visible = tree_ancestors(parents)
+        past = self.cache.length
+        try:
+            self.cache.reserve(t)
+        except ValueError as exc:
+            raise ContextOverflow(str(exc)) from None
+        positions = past + tree_depths(parents)
+        if logit_positions is None:
+            logit_positions = np.arange(t, dtype=np.int64)
+        feeds = {
+            "input_ids": tokens[None, :],
+            "position_ids": positions[None, :],
+            "attention_bias": attention_bias(past, self.cache.capacity, visible, positions),
+            "logit_positions": np.asarray(logit_positions, dtype=np.int64).reshape(-1),
+        }
+        if self._windowed:
+            feeds["attention_bias_local"] = attention_bias(
+                past, self.cache.capacity, visible, positions, window=self.entry.sliding_window)
+        for i in range(self.entry.num_layers):
+            feeds[f"past_key_{i}"] = self.cache.keys[i]
+            feeds[f"past_value_{i}"] = self.cache.values[i]
+        start = time.perf_counter()
+        outputs = self.session.run(self._output_names, feeds)
+        self.timing.run_seconds += time.perf_counter() - start
+        self.timing.calls += 1
+        self.timing.tokens += t
+        self.cache.stage(outputs[1::2], outputs[2::2])
+        return outputs[0][0]
+
+    def commit(self, keep=None) -> None:
+        """Keep staged tokens `keep` (ascending indices into the last forward; None = all)."""
+        self.cache.commit(keep)
+
+    def rewind(self, length: int) -> None:
+        """Drop cached tokens after `length`."""
+        self.cache.rewind(length)
+
+    def reset(self) -> None:
+        """Empty the cache."""
+        self.cache.rewind(0)
+
+    def prefill(self, tokens, chunk_size: int = 256) -> np.ndarray:
+        """Feed `tokens` in chunks and commit them; returns the logits [vocab] after the last token."""
+        tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
+        if len(tokens) == 0:
+            raise ValueError("prefill() needs at least one token")
+        if self.cache.length + len(tokens) > self.max_context:
+            raise ContextOverflow(
+                f"prompt of {len(tokens)} tokens (+{self.cache.length} cached) exceeds the context length "
+                f"{self.max_context}")
+        logits = None
+        for start in range(0, len(tokens), chunk_size):
+            chunk = tokens[start:start + chunk_size]
+            last = start + chunk_size >= len(tokens)
+            logits = self.forward(chunk, logit_positions=[len(chunk) - 1] if last else [0])
+            self.commit()
+        return logits[-1]
