@@ -298,8 +298,8 @@ def category_table(summary: dict) -> tuple[list[str], list[list[str]]]:
             cells += [_fmt(s.get("mean_accepted_tokens"), "tau"), _fmt(s.get("time_to_first_token"), "ms")]
         for p in peers:
             s = by_system.get(p, {})
-            cells += [_fmt(s.get("tokens_per_second" + suffix), "tps"), _fmt(s.get("plain_over_peer" + suffix), "ratio"),
-                      _fmt(s.get("time_to_first_token"), "ms")]
+            cells += [_fmt(s.get("tokens_per_second" + suffix), "tps"),
+                      _fmt(s.get("plain_over_peer" + suffix), "ratio"), _fmt(s.get("time_to_first_token"), "ms")]
         return cells
 
     rows = [line(cat, summary["per_category"][cat], agg=False) for cat in summary["categories"]]
@@ -349,13 +349,17 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def render_markdown(result: dict) -> str:
     """The Markdown report of a bench result (the dict written by --json)."""
     c, m = result["config"], result["machine"]
+    baseline = result["summary"]["baseline"]
+    n_prompts = result["summary"]["overall"].get(baseline, {}).get("prompts", len(result["questions"]))
     lines = [
         f"# edgespec bench: {c.get('model') or c['bundle']}",
         "",
-        f"Spec-Bench, {result['summary']['overall'].get(result['summary']['baseline'], {}).get('prompts', len(result['questions']))} prompts "
+        f"Spec-Bench, {n_prompts} prompts "
         f"({c['per_category'] or 'all'} per category), greedy, batch 1, exactly {c['max_new_tokens']} new tokens "
         f"(EOS ignored), {c['threads']} threads, on {m.get('cpu_model') or 'unknown CPU'} "
-        f"({m.get('physical_cores') or '?'} cores / {m.get('logical_cores') or '?'} threads).",
+        f"({m.get('physical_cores') or '?'} cores / {m.get('logical_cores') or '?'} threads)"
+        + (f"; load average before / after: {m['load_average_before'][0]:.2f} / {m['load_average'][0]:.2f}."
+           if m.get("load_average_before") and m.get("load_average") else "."),
         "",
         "tok/s = new tokens / total time, prefill included (category rows: median over prompts; "
         "`overall (sum)`: sum of tokens / sum of time). "
@@ -419,7 +423,7 @@ def machine_info() -> dict:
         pass
     info = {"cpu_model": cpu or platform.processor() or platform.machine(), "logical_cores": os.cpu_count(),
             "physical_cores": None, "memory_gb": None, "platform": platform.platform(),
-            "python": platform.python_version()}
+            "python": platform.python_version(), "load_average": load_average()}
     try:
         import psutil
 
@@ -431,6 +435,14 @@ def machine_info() -> dict:
         ("edgespec", "edgespec"), ("onnxruntime", "onnxruntime"), ("numpy", "numpy"), ("tokenizers", "tokenizers"),
         ("torch", "torch"), ("transformers", "transformers"), ("llama_cpp", "llama_cpp_python"))}
     return info
+
+
+def load_average() -> list[float] | None:
+    """1/5/15-minute load averages (other work on the machine skews every rate; compare with the thread count)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
 
 
 def _status_kb(field: str) -> float | None:
@@ -634,8 +646,8 @@ def run_llama_cpp_job(job: dict) -> dict:
         first = None
         # temp 0 -> greedy; EOS is not checked by Llama.generate itself, so the counter alone stops it
         # (generate mutates the list it is given: pass a copy)
-        for token in llm.generate(list(ids), top_k=1, top_p=1.0, min_p=0.0, typical_p=1.0, temp=0.0, repeat_penalty=1.0,
-                                  reset=True):
+        for token in llm.generate(list(ids), top_k=1, top_p=1.0, min_p=0.0, typical_p=1.0, temp=0.0,
+                                  repeat_penalty=1.0, reset=True):
             if first is None:
                 first = time.perf_counter()
             out.append(int(token))
@@ -750,6 +762,11 @@ def run_bench(args, echo: Callable[[str], None] = _log) -> dict:
     if not questions:
         raise ValueError("no Spec-Bench questions selected")
     threads = args.threads or default_threads()
+    load_before = load_average()
+    busy = load_before[0] - max((os.cpu_count() or threads) - threads, 0) if load_before else 0.0
+    if busy >= 1.0:
+        echo(f"warning: load average {load_before[0]:.2f} on {os.cpu_count()} CPUs: other work will share the "
+             f"{threads} threads measured here, so the rates will be low and noisy")
     echo(f"bench: {len(questions)} prompts, modes {', '.join(modes) or '-'}, peers {', '.join(peers) or '-'}, "
          f"{args.max_new_tokens} new tokens, {threads} threads")
 
@@ -810,7 +827,7 @@ def run_bench(args, echo: Callable[[str], None] = _log) -> dict:
         "format": RESULT_FORMAT, "version": RESULT_VERSION,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "config": config,
-        "machine": machine_info(),
+        "machine": {**machine_info(), "load_average_before": load_before},
         "questions": [{"question_id": q["question_id"], "category": q["category"]} for q in questions],
         "skipped_questions": (prepared or {}).get("skipped", []),
         "systems": systems,
@@ -828,7 +845,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"comma-separated peers on the same weights (default: {','.join(PEERS)})")
     parser.add_argument("--no-peers", action="store_true", help="measure the modes only")
     parser.add_argument("--peer-model", default=None,
-                        help="source weights for the peers (GGUF file or HF folder; default: the manifest's source path)")
+                        help="source weights for the peers (GGUF file or HF folder; default: the manifest's source)")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="Spec-Bench question.jsonl")
     parser.add_argument("--per-category", type=int, default=2, help="first N questions of each category (0 = all)")
     parser.add_argument("--categories", default=None, help="comma-separated categories (default: all)")

@@ -28,7 +28,7 @@ class GenerationStats:
     prompt_tokens: int = 0
     reused_prompt_tokens: int = 0
     new_tokens: int = 0
-    steps: int = 0  # target forward passes after prefill
+    steps: int = 0  # target forward passes that produced tokens (prefill counts as one)
     drafted_tokens: int = 0
     accepted_tokens: int = 0
     prefill_seconds: float = 0.0
@@ -184,6 +184,7 @@ class Engine:
         start = time.perf_counter()
         logits = self._prefill(ids, stats)
         stats.prefill_seconds = time.perf_counter() - start
+        stats.steps = 1  # the prefill forward yields the first token (Spec-Bench counts it as a step)
         while True:
             token = self._choose(logits, config, rng)
             yield token

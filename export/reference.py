@@ -36,9 +36,66 @@ def load_reference_model(kind: str, path: str | Path):
 
     path = Path(path)
     if kind == "gguf":
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+        return load_gguf_reference(path)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def load_gguf_reference(path: Path):
+    """transformers' model for a GGUF file, filled one tensor at a time.
+
+    The same steps as `from_pretrained(gguf_file=...)` (gguf-py's dequantizer, transformers' own GGUF tensor
+    processor and name map), but streamed: the fp32 model is the only full copy in memory, and the file's pages are
+    released after each tensor. transformers' loader holds every dequantized tensor at once (9 GB peak for
+    Qwen2.5-Coder-1.5B); this peaks at the model's size plus one tensor.
+    """
+    import mmap
+
+    import torch
+    from gguf import GGUFReader, dequantize
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+    from transformers.modeling_gguf_pytorch_utils import (
+        TENSOR_PROCESSORS, TensorProcessor, get_gguf_hf_weights_map, load_gguf_checkpoint)
+
+    parsed = {"config": load_gguf_checkpoint(str(path), return_tensors=False)["config"], "tensors": {}}
+    config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    gc.collect()  # the parsed vocabulary (Python lists, ~0.4 GB for Qwen) is not needed for the weights
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    reader = GGUFReader(str(path))
+    arch = reader.fields["general.architecture"].contents()
+    processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
+    mapping = get_gguf_hf_weights_map(model, processor)
+    params = dict(model.named_parameters())
+    loaded = set()
+    raw_map = getattr(reader.data, "_mmap", None)
+    for tensor in reader.tensors:
+        data = tensor.data
+        chunked = data.ndim == 2 and data.nbytes > (32 << 20) and "attn_q" not in tensor.name and \
+            "attn_k" not in tensor.name  # q/k may be permuted whole; big matrices are processed row-wise
+        step = max(1, (8 << 20) // max(1, data.shape[-1])) if chunked else len(data)
+        for start in range(0, len(data), step):
+            rows = dequantize(data[start:start + step], tensor.tensor_type)
+            result = processor.process(weights=rows, name=tensor.name, tensor_key_mapping=mapping,
+                                       parsed_parameters=parsed)
+            hf_name = mapping.get(result.name)
+            if hf_name not in params:
+                break
+            value = torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
+            with torch.no_grad():
+                if chunked:
+                    params[hf_name][start:start + len(value)].copy_(value)
+                else:
+                    params[hf_name].copy_(value.reshape(params[hf_name].shape))
+            loaded.add(hf_name)
+        if raw_map is not None:
+            raw_map.madvise(mmap.MADV_DONTNEED)
+    if config.tie_word_embeddings:
+        model.tie_weights()
+        loaded |= {n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight}
+    missing = [n for n in params if n not in loaded and not (config.tie_word_embeddings and n == "lm_head.weight")]
+    if missing:
+        raise ValueError(f"GGUF reference for {path.name}: no weights for {missing[:5]}")
     return model.eval()
 
 
