@@ -15,7 +15,7 @@ from typing import Iterator
 import numpy as np
 
 from .chat import render_chat
-from .runtimes.manifest import Manifest, ModelEntry, load_manifest
+from .runtimes.manifest import BundleError, Manifest, ModelEntry, load_manifest
 from .runtimes.runner import ContextOverflow, ModelRunner, default_threads
 from .sampling import GenerationConfig, greedy, process_logits, sample
 from .text import StopMatcher, StreamDecoder, Tokenizer
@@ -74,9 +74,12 @@ class Engine:
         self.manifest = manifest
         self.entry: ModelEntry = manifest.models[model] if model else manifest.target_model
         self.threads = threads or default_threads()
-        self.tokenizer = Tokenizer(str(self.entry.tokenizer_path))
+        try:
+            self.tokenizer = Tokenizer(str(self.entry.tokenizer_path))
+        except ValueError as exc:
+            raise BundleError(f"model {self.entry.name!r}: {exc}") from None
         if self.tokenizer.vocab_size > self.entry.vocab_size:
-            raise ValueError(f"tokenizer {self.entry.tokenizer_path} has {self.tokenizer.vocab_size} tokens but the "
+            raise BundleError(f"tokenizer {self.entry.tokenizer_path} has {self.tokenizer.vocab_size} tokens but the "
                              f"model's vocabulary is {self.entry.vocab_size}: wrong tokenizer for this model")
         self.runner = ModelRunner(self.entry, threads=self.threads, max_context=max_context)
         self._cached_ids: list[int] = []  # token ids whose K/V are committed in the runner's cache
@@ -110,7 +113,7 @@ class Engine:
     def generate(self, prompt: str | list[int], **config) -> GenerationResult:
         """Generate a completion of `prompt` (text or token ids). Keyword arguments are GenerationConfig fields."""
         pieces = []
-        gen = self._generate(prompt, self._config(config))
+        gen = self._generate(self._prompt_ids(prompt), self._config(config))
         try:
             while True:
                 pieces.append(next(gen))
@@ -120,8 +123,10 @@ class Engine:
         return result
 
     def stream(self, prompt: str | list[int], **config) -> Iterator[str]:
-        """Yield text pieces as they are generated (never splitting a multi-byte character)."""
-        yield from self._generate(prompt, self._config(config))
+        """Yield text pieces as they are generated (never splitting a multi-byte character).
+
+        Options and the prompt are checked at once (errors raise here, not at the first piece)."""
+        return self._generate(self._prompt_ids(prompt), self._config(config))
 
     def chat(self, messages: list[dict], **config) -> GenerationResult:
         """Answer the conversation `messages` ([{role, content}, ...]) using the model's chat template."""
@@ -193,17 +198,21 @@ class Engine:
             stats.decode_seconds += time.perf_counter() - t
             stats.steps += 1
 
-    def _generate(self, prompt: str | list[int], config: GenerationConfig):
+    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of `prompt`, checked against the vocabulary and the context length."""
+        ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
+        if not ids:
+            raise ValueError("empty prompt")
+        if len(ids) >= self.context_length:
+            raise ContextOverflow(f"prompt has {len(ids)} tokens; the context length is {self.context_length}")
+        bad = [i for i in ids if not 0 <= i < self.entry.vocab_size]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.entry.vocab_size}")
+        return ids
+
+    def _generate(self, ids: list[int], config: GenerationConfig):
         """Generator of text pieces; returns the GenerationResult (text filled in by the caller)."""
         with self._lock:
-            ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
-            if not ids:
-                raise ValueError("empty prompt")
-            if len(ids) >= self.context_length:
-                raise ContextOverflow(f"prompt has {len(ids)} tokens; the context length is {self.context_length}")
-            bad = [i for i in ids if not 0 <= i < self.entry.vocab_size]
-            if bad:
-                raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.entry.vocab_size}")
             stats = GenerationStats(prompt_tokens=len(ids))
             budget = min(config.max_new_tokens, self.context_length - len(ids))
             stop_ids = self._stop_ids(config)

@@ -160,6 +160,7 @@ class HFWeights:
         if not config_path.is_file():
             raise FileNotFoundError(f"{folder} has no config.json: not a Hugging Face model folder")
         config = json.loads(config_path.read_text())
+        spec_from_hf_config(config)  # unsupported architectures fail here, before looking for weights
         files = sorted(folder.glob("*.safetensors"))
         if not files:
             raise FileNotFoundError(f"{folder} has no *.safetensors weights")

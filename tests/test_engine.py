@@ -431,3 +431,16 @@ def test_bad_prompts(engines):
     with pytest.raises(ValueError, match="outside the vocabulary"):
         engine.generate([-1, 5])
     assert engine.generate(PROMPTS[0], max_new_tokens=8, ignore_eos=True).token_ids == before
+
+
+def test_top_level_api_and_eager_stream_errors(tiny_bundles):
+    import edgespec
+    from edgespec.runtimes.runner import ContextOverflow
+
+    engine = edgespec.load(tiny_bundles["qwen2"], max_context=32)
+    assert isinstance(engine, edgespec.Engine)
+    with pytest.raises(TypeError):
+        engine.stream("hello", no_such_option=1)  # raised at the call, not at the first piece
+    with pytest.raises(ContextOverflow, match="context length is 32"):
+        engine.stream(list(range(40)))
+    assert "".join(engine.stream("hello", max_new_tokens=4)) == engine.generate("hello", max_new_tokens=4).text
