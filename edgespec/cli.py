@@ -23,7 +23,7 @@ def cmd_export(args) -> int:
     target = ModelRequest(args.target, "target", name=args.name, quant=args.quant)
     drafters = [ModelRequest(d, "drafter", quant=args.quant) for d in args.drafter or ()]
     report = export_bundle(target, args.output, drafters, accuracy_level=args.accuracy_level,
-                           eight_bit=args.eight_bit, threads=args.threads,
+                           eight_bit=args.eight_bit, fused_ops=not args.no_fused_ops, threads=args.threads,
                            parity=not args.no_parity, overwrite=args.force, log=lambda m: console.print(m))
     console.print(f"[bold green]bundle written:[/] {report.bundle} in {report.seconds:.1f} s")
     for name, stats in report.models.items():
@@ -172,6 +172,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eight-bit", choices=["fp32", "split", "nbits"], default="fp32",
                    help="form of 8-bit GGUF blocks (Q6_K/Q5_0/Q8_0): fp32 exact+fast (default), split exact+compact, "
                         "nbits one 8-bit MatMulNBits (use with --accuracy-level 4)")
+    p.add_argument("--no-fused-ops", action="store_true",
+                   help="standard ONNX operators instead of ORT's fused ones (for measuring their benefit)")
     p.add_argument("--name", default=None, help="name of the target inside the bundle")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-parity", action="store_true", help="skip the torch reference check")

@@ -84,24 +84,36 @@ def _special_tokens(weights, tokenizer) -> dict:
             "pad": None if pad is None else int(pad), "add_bos": add_bos}
 
 
-def _accuracy(entry, source: ResolvedSource, tokenizer, special: dict, threads: int, log: Log) -> dict:
-    """Teacher-forced top-1 agreement and perplexity of the ONNX graph against the torch reference."""
-    from ..runtimes.runner import ModelRunner
+def _open_weights(source: ResolvedSource, quant: str):
+    return GGUFWeights(source.path, quant) if source.kind == "gguf" else HFWeights.from_folder(source.path, quant)
 
+
+def _parity_ids(tokenizer, special: dict) -> np.ndarray:
+    """Token ids of the fixed parity text (at most 256, BOS first when the model wants one)."""
     ids = tokenizer.encode(reference.REFERENCE_TEXT, add_special_tokens=False).ids[:256]
     if special["add_bos"] and special["bos"] is not None:
         ids = [special["bos"]] + ids[:255]
-    ids = np.asarray(ids, dtype=np.int64)
-    runner = ModelRunner(entry, threads=threads, max_context=len(ids) + 8)
-    onnx_logits = runner.forward(ids)
-    onnx_top1, onnx_nll = reference.teacher_forced_stats(onnx_logits, ids)
-    del runner, onnx_logits
-    gc.collect()
-    log("  loading the torch reference for parity")
+    return np.asarray(ids, dtype=np.int64)
+
+
+def _reference_stats(source: ResolvedSource, ids: np.ndarray, log: Log) -> tuple[np.ndarray, np.ndarray]:
+    """Teacher-forced argmax and next-token NLL of the torch reference (run first: it is the memory peak)."""
+    log("  torch reference (fp32, same weights) on the parity text")
     model = reference.load_reference_model(source.kind, source.path)
-    ref_logits = reference.reference_logits(model, ids)
+    stats = reference.teacher_forced_stats(reference.reference_logits(model, ids), ids)
     reference.free(model)
-    ref_top1, ref_nll = reference.teacher_forced_stats(ref_logits, ids)
+    return stats
+
+
+def _accuracy(entry, ids: np.ndarray, ref_stats, threads: int) -> dict:
+    """Teacher-forced top-1 agreement and perplexity of the ONNX graph against the torch reference."""
+    from ..runtimes.runner import ModelRunner
+
+    runner = ModelRunner(entry, threads=threads, max_context=len(ids) + 8)
+    onnx_top1, onnx_nll = reference.teacher_forced_stats(runner.forward(ids), ids)
+    del runner
+    gc.collect()
+    ref_top1, ref_nll = ref_stats
     return {
         "text_tokens": int(len(ids)),
         "top1_agreement": round(float((onnx_top1 == ref_top1).mean()), 4),
@@ -120,17 +132,10 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
     name = _model_name(source, req.name)
     quant = req.quant or ("gguf" if source.kind == "gguf" else "fp32")
     log(f"[{name}] {source.kind} source {source.path} -> quantization {quant}")
-    if source.kind == "gguf":
-        weights = GGUFWeights(source.path, quant)
-    else:
-        weights = HFWeights.from_folder(source.path, quant)
+    weights = _open_weights(source, quant)
     spec = weights.spec
     model_dir = root / name
     model_dir.mkdir(parents=True)
-    log(f"[{name}] building graph: {spec.architecture}, {spec.num_layers} layers, vocabulary {spec.vocab_size}")
-    t_graph = time.perf_counter()
-    build_decoder(spec, weights, str(model_dir), opts)
-    graph_seconds = time.perf_counter() - t_graph
     tokenizer_file = model_dir / "tokenizer.json"
     reference.save_tokenizer_json(source.kind, source.path, tokenizer_file)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
@@ -141,6 +146,18 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
         template = weights.fields.get("tokenizer.chat_template")
     else:
         template = reference.hf_chat_template(source.path)
+    tensor_types = dict(weights.tensor_types)
+    if parity:  # the torch reference is the memory peak: run it with nothing else resident
+        del weights
+        reference.release_memory()
+        ids = _parity_ids(tokenizer, special)
+        ref_stats = _reference_stats(source, ids, log)
+        reference.release_memory()
+        weights = _open_weights(source, quant)
+    log(f"[{name}] building graph: {spec.architecture}, {spec.num_layers} layers, vocabulary {spec.vocab_size}")
+    t_graph = time.perf_counter()
+    build_decoder(spec, weights, str(model_dir), opts)
+    graph_seconds = time.perf_counter() - t_graph
     d = {
         "role": req.role,
         "architecture": spec.architecture,
@@ -156,17 +173,17 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
         "layer_types": list(spec.layer_types),
         "special_tokens": special,
         "chat_template": template,
-        "quantization": {"mode": quant, "accuracy_level": opts.accuracy_level, "eight_bit": opts.eight_bit,
-                         "tensor_types": dict(weights.tensor_types)},
+        "quantization": {"mode": quant, "accuracy_level": opts.accuracy_level, "eight_bit": opts.eight_bit, "fused_ops": opts.fused_ops,
+                         "tensor_types": tensor_types},
         "graph": {"file": f"{name}/model.onnx", "data": f"{name}/model.onnx.data", "kv_dtype": "float32"},
         "tokenizer": f"{name}/tokenizer.json",
         "config": spec.to_dict(),
     }
     del weights
-    gc.collect()
+    reference.release_memory()
     if parity:
         entry = _model_entry(root, name, d, check_files=True)
-        acc = _accuracy(entry, source, tokenizer, special, threads, log)
+        acc = _accuracy(entry, ids, ref_stats, threads)
         d["accuracy"] = acc
         log(f"[{name}] top-1 agreement {acc['top1_agreement']:.2%}, perplexity {acc['perplexity']:.3f} "
             f"(reference {acc['reference_perplexity']:.3f})")
@@ -180,7 +197,7 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
 
 def export_bundle(target: str | ModelRequest, out_dir: str | os.PathLike, drafters=(), *, quant: str | None = None,
                   name: str | None = None,
-                  accuracy_level: int = 0, eight_bit: str = "fp32", threads: int | None = None, parity: bool = True,
+                  accuracy_level: int = 0, eight_bit: str = "fp32", fused_ops: bool = True, threads: int | None = None, parity: bool = True,
                   cache_dir: str | None = None, overwrite: bool = False, log: Log = print) -> ExportReport:
     """Export `target` (and `drafters`) into the bundle folder `out_dir`; see the module docstring."""
     t0 = time.perf_counter()
@@ -194,7 +211,7 @@ def export_bundle(target: str | ModelRequest, out_dir: str | os.PathLike, drafte
     report = ExportReport(bundle=out)
     try:
         models, target_name = {}, None
-        opts = BuildOptions(accuracy_level=accuracy_level, eight_bit=eight_bit)
+        opts = BuildOptions(accuracy_level=accuracy_level, eight_bit=eight_bit, fused_ops=fused_ops)
         for req in requests:
             name, d, stats = _export_model(req, tmp, opts, threads or 2, parity, log, cache_dir)
             if name in models:

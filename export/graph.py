@@ -40,6 +40,9 @@ class BuildOptions:
     # nibble halves over a doubled K (compact, slower for T > 1), "nbits" = one 8-bit MatMulNBits (exact but slow at
     # accuracy_level 0; fast and approximate at 4)
     eight_bit: str = "fp32"
+    # ORT contrib fused operators (SimplifiedLayerNormalization, FusedMatMul with transB, FastGelu) instead of the
+    # same math in standard ONNX operators; kept switchable so their benefit can be measured
+    fused_ops: bool = True
 
 
 class ExternalData:
@@ -182,10 +185,14 @@ def _embedding(g: _Graph, ids: str, table, name: str) -> str:
     return g.op("Reshape", [values, g.const(name + ".s3", np.array([1, -1, q.k], dtype=np.int64))])
 
 
-def _rms_norm(g: _Graph, x: str, weight: np.ndarray, name: str, eps: float) -> str:
-    """RMS norm over the last axis (fused SimplifiedLayerNormalization)."""
+def _rms_norm(g: _Graph, x: str, weight: np.ndarray, name: str, eps: float, fused: bool = True) -> str:
+    """RMS norm over the last axis (fused SimplifiedLayerNormalization, or standard operators)."""
     w = g.const(name, np.asarray(weight, dtype=np.float32))
-    return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=float(eps), stash_type=1)
+    if fused:
+        return g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=float(eps), stash_type=1)
+    ms = g.op("ReduceMean", [g.op("Mul", [x, x]), g.const("axis_last", np.array([-1], np.int64))], keepdims=1)
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [ms, g.const(f"eps_{eps}", np.array(eps, np.float32))])])])
+    return g.op("Mul", [g.op("Mul", [x, inv]), w])
 
 
 def _rope_tables(g: _Graph, positions: str, head_dim: int, theta: float, tag: str) -> tuple[str, str]:
@@ -222,8 +229,10 @@ def _attention(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str,
 
     q, k, v = heads(proj("q"), nh), heads(proj("k"), nkv), heads(proj("v"), nkv)  # [1, T, n, hd]
     if spec.qk_norm:
-        q = _rms_norm(g, q, weights.get(f"{p}.attn_q_norm.weight"), f"{p}.attn_q_norm", spec.rms_norm_eps)
-        k = _rms_norm(g, k, weights.get(f"{p}.attn_k_norm.weight"), f"{p}.attn_k_norm", spec.rms_norm_eps)
+        q = _rms_norm(g, q, weights.get(f"{p}.attn_q_norm.weight"), f"{p}.attn_q_norm", spec.rms_norm_eps,
+                      opts.fused_ops)
+        k = _rms_norm(g, k, weights.get(f"{p}.attn_k_norm.weight"), f"{p}.attn_k_norm", spec.rms_norm_eps,
+                      opts.fused_ops)
     cos, sin = rope
     q = _apply_rope(g, q, cos, sin, hd)
     k = _apply_rope(g, k, cos, sin, hd)
@@ -232,8 +241,14 @@ def _attention(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str,
     g.op_to("Transpose", [v], [f"new_value_{i}"], perm=[0, 2, 1, 3])
     # Query heads that share a KV head are stacked along the sequence axis: [1, nkv, group*T, hd].
     qg = g.op("Reshape", [q, g.const("shape_qgroup", np.array([1, nkv, -1, hd], dtype=np.int64))])
-    s_past = g.op("FusedMatMul", [qg, f"past_key_{i}"], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
-    s_new = g.op("FusedMatMul", [qg, f"new_key_{i}"], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
+    if opts.fused_ops:
+        s_past = g.op("FusedMatMul", [qg, f"past_key_{i}"], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
+        s_new = g.op("FusedMatMul", [qg, f"new_key_{i}"], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
+    else:
+        scale = g.const(f"attn_scale_{spec.scale}", np.array(spec.scale, np.float32))
+        qs = g.op("Mul", [qg, scale])
+        s_past = g.op("MatMul", [qs, g.op("Transpose", [f"past_key_{i}"], perm=[0, 1, 3, 2])])
+        s_new = g.op("MatMul", [qs, g.op("Transpose", [f"new_key_{i}"], perm=[0, 1, 3, 2])])
     scores = g.op("Concat", [s_past, s_new], axis=-1)  # [1, nkv, group*T, P+T]
     total = g.op("Shape", [scores], start=3)  # [P+T]
     t_len = g.op("Shape", [q], start=2, end=3)  # [T]
@@ -257,8 +272,10 @@ def _mlp(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str, opts)
     up = _linear(g, x, weights.get(f"{p}.ffn_up.weight"), f"{p}.ffn_up", opts)
     if spec.activation == "silu":
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
-    else:
+    elif opts.fused_ops:
         act = g.op("FastGelu", [gate], domain=MS_DOMAIN)
+    else:
+        act = g.op("Gelu", [gate], approximate="tanh")
     return _linear(g, g.op("Mul", [act, up]), weights.get(f"{p}.ffn_down.weight"), f"{p}.ffn_down", opts)
 
 
@@ -295,18 +312,18 @@ def build_decoder(spec: ArchSpec, weights: WeightSource, out_dir: str, opts: Bui
         sliding = spec.layer_types[i] == "sliding"
         rope = rope_local if sliding else rope_full
         bias = "attention_bias_local" if sliding else "attention_bias"
-        a = _rms_norm(g, h, weights.get(f"{p}.attn_norm.weight"), f"{p}.attn_norm", eps)
+        a = _rms_norm(g, h, weights.get(f"{p}.attn_norm.weight"), f"{p}.attn_norm", eps, opts.fused_ops)
         a = _attention(g, spec, weights, i, a, rope, bias, opts)
         if spec.sandwich_norm:
-            a = _rms_norm(g, a, weights.get(f"{p}.post_attention_norm.weight"), f"{p}.post_attention_norm", eps)
+            a = _rms_norm(g, a, weights.get(f"{p}.post_attention_norm.weight"), f"{p}.post_attention_norm", eps, opts.fused_ops)
         h = g.op("Add", [h, a])
-        m = _rms_norm(g, h, weights.get(f"{p}.ffn_norm.weight"), f"{p}.ffn_norm", eps)
+        m = _rms_norm(g, h, weights.get(f"{p}.ffn_norm.weight"), f"{p}.ffn_norm", eps, opts.fused_ops)
         m = _mlp(g, spec, weights, i, m, opts)
         if spec.sandwich_norm:
-            m = _rms_norm(g, m, weights.get(f"{p}.post_ffw_norm.weight"), f"{p}.post_ffw_norm", eps)
+            m = _rms_norm(g, m, weights.get(f"{p}.post_ffw_norm.weight"), f"{p}.post_ffw_norm", eps, opts.fused_ops)
         h = g.op("Add", [h, m])
     h = g.op("Gather", [h, "logit_positions"], axis=1)  # only the requested positions reach the LM head
-    h = _rms_norm(g, h, weights.get("output_norm.weight"), "output_norm", eps)
+    h = _rms_norm(g, h, weights.get("output_norm.weight"), "output_norm", eps, opts.fused_ops)
     head = embed_table if spec.tie_embeddings else weights.get("output.weight")
     logits = _linear(g, h, head, "output", opts)
     g.op_to("Identity", [logits], ["logits"])

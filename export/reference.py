@@ -29,6 +29,17 @@ large model checks them all in one pass, and every token it agrees with is kept.
 Paris is the capital of France, and Rome is the capital of Italy."""
 
 
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc keeps them otherwise)."""
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def load_reference_model(kind: str, path: str | Path):
     """A transformers causal LM in float32 from a GGUF file (dequantized) or a Hugging Face folder."""
     import torch
@@ -38,6 +49,30 @@ def load_reference_model(kind: str, path: str | Path):
     if kind == "gguf":
         return load_gguf_reference(path)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def _chunked_head(data, qtype, rows_per_chunk: int = 8192):
+    """An LM head computing x @ W^T with W dequantized from GGUF blocks a slice of rows at a time (fp32 math).
+
+    Holds the quantized bytes only; used for untied heads of big vocabularies (Qwen: 152k x 1536 = 933 MB fp32)."""
+    import mmap
+
+    import torch
+    from gguf import dequantize
+
+    class ChunkedHead(torch.nn.Module):
+        def forward(self, x):
+            pieces = []
+            for start in range(0, len(data), rows_per_chunk):
+                w = torch.from_numpy(np.ascontiguousarray(dequantize(data[start:start + rows_per_chunk], qtype),
+                                                          dtype=np.float32))
+                pieces.append(torch.nn.functional.linear(x, w))
+            base = getattr(data, "_mmap", None) or getattr(getattr(data, "base", None), "_mmap", None)
+            if base is not None:
+                base.madvise(mmap.MADV_DONTNEED)
+            return torch.cat(pieces, dim=-1)
+
+    return ChunkedHead()
 
 
 def load_gguf_reference(path: Path):
@@ -66,14 +101,20 @@ def load_gguf_reference(path: Path):
     arch = reader.fields["general.architecture"].contents()
     processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=parsed["config"])
     mapping = get_gguf_hf_weights_map(model, processor)
+    untied = not config.tie_word_embeddings
+    if untied:  # the head stays quantized and is dequantized in row slices at forward time
+        out = next(t for t in reader.tensors if t.name == "output.weight")
+        model.lm_head = _chunked_head(out.data, out.tensor_type)
     params = dict(model.named_parameters())
     loaded = set()
     raw_map = getattr(reader.data, "_mmap", None)
     for tensor in reader.tensors:
+        if untied and tensor.name == "output.weight":
+            continue
         data = tensor.data
         chunked = data.ndim == 2 and data.nbytes > (32 << 20) and "attn_q" not in tensor.name and \
             "attn_k" not in tensor.name  # q/k may be permuted whole; big matrices are processed row-wise
-        step = max(1, (8 << 20) // max(1, data.shape[-1])) if chunked else len(data)
+        step = max(1, (2 << 20) // max(1, data.shape[-1])) if chunked else len(data)
         for start in range(0, len(data), step):
             rows = dequantize(data[start:start + step], tensor.tensor_type)
             result = processor.process(weights=rows, name=tensor.name, tensor_key_mapping=mapping,
@@ -81,7 +122,8 @@ def load_gguf_reference(path: Path):
             hf_name = mapping.get(result.name)
             if hf_name not in params:
                 break
-            value = torch.from_numpy(np.ascontiguousarray(result.weights, dtype=np.float32))
+            value = np.ascontiguousarray(result.weights, dtype=np.float32)
+            value = torch.from_numpy(value if value.flags.writeable else value.copy())
             with torch.no_grad():
                 if chunked:
                     params[hf_name][start:start + len(value)].copy_(value)
@@ -90,6 +132,8 @@ def load_gguf_reference(path: Path):
             loaded.add(hf_name)
         if raw_map is not None:
             raw_map.madvise(mmap.MADV_DONTNEED)
+        if chunked or len(loaded) % 16 == 0:
+            release_memory()  # dequantization temporaries would otherwise pile up in malloc arenas
     if config.tie_word_embeddings:
         model.tie_weights()
         loaded |= {n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight}
@@ -163,4 +207,4 @@ def reference_greedy(model, ids: list[int], max_new_tokens: int) -> list[int]:
 def free(model) -> None:
     """Drop a torch model and return its memory."""
     del model
-    gc.collect()
+    release_memory()

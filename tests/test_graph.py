@@ -108,3 +108,17 @@ def test_quantized_hf_export_is_close(quant, min_agreement, tiny_models, tmp_pat
     acc = load_manifest(report.bundle).target_model.accuracy
     assert acc["top1_agreement"] >= min_agreement
     assert load_manifest(report.bundle).target_model.quantization["mode"] == quant
+
+
+@pytest.mark.parametrize("arch", ("qwen2", "gemma3"))
+def test_standard_ops_build_matches_fused(arch, tiny_models, tiny_bundles, tmp_path):
+    """The fused-operator graph and the standard-operator graph compute the same logits."""
+    from edgespec.export.bundle import export_bundle
+
+    plain = export_bundle(str(tiny_models[arch]), tmp_path / "std", fused_ops=False, parity=False,
+                          log=lambda m: None).bundle
+    ids = np.random.default_rng(2).integers(0, 300, size=24)
+    a = runner_for(tiny_bundles[arch]).forward(ids)
+    b = runner_for(plain).forward(ids)
+    np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+    assert load_manifest(plain).target_model.quantization["fused_ops"] is False
