@@ -615,14 +615,19 @@ def run_hf_job(job: dict) -> dict:
     result = {"system": "hf", "kind": "peer", "status": "ok", "note": None, "load_seconds": load_seconds,
               "load_rss_mb": current_rss_mb(), "threads": torch.get_num_threads(),
               "version": f"transformers {transformers.__version__}, torch {torch.__version__}", "rows": []}
-    prompts = job["prompts"]
+    return _run_peer_prompts("hf", run, job, result)
+
+
+def _run_peer_prompts(system: str, run, job: dict, result: dict) -> dict:
+    """Warm up, then run every prompt of `job` through `run(ids, n)` and add its rows to `result`."""
+    prompts, n_new = job["prompts"], job["max_new_tokens"]
     for _ in range(job.get("warmup", 1)):
         run(prompts[0]["ids"], min(n_new, WARMUP_TOKENS))
     for i, p in enumerate(prompts, 1):
         token_ids, stats = run(p["ids"], n_new)
-        row = make_row("hf", "peer", p, token_ids, stats)
+        row = make_row(system, "peer", p, token_ids, stats)
         result["rows"].append(row)
-        _progress("hf", i, len(prompts), row)
+        _progress(system, i, len(prompts), row)
     return result
 
 
@@ -660,15 +665,7 @@ def run_llama_cpp_job(job: dict) -> dict:
     result = {"system": "llama.cpp", "kind": "peer", "status": "ok", "note": None, "load_seconds": load_seconds,
               "load_rss_mb": current_rss_mb(), "threads": threads,
               "version": f"llama-cpp-python {getattr(llama_cpp, '__version__', '?')}", "rows": []}
-    prompts = job["prompts"]
-    for _ in range(job.get("warmup", 1)):
-        run(prompts[0]["ids"], min(n_new, WARMUP_TOKENS))
-    for i, p in enumerate(prompts, 1):
-        token_ids, stats = run(p["ids"], n_new)
-        row = make_row("llama.cpp", "peer", p, token_ids, stats)
-        result["rows"].append(row)
-        _progress("llama.cpp", i, len(prompts), row)
-    return result
+    return _run_peer_prompts("llama.cpp", run, job, result)
 
 
 JOBS = {"mode": run_mode_job, "hf": run_hf_job, "llama.cpp": run_llama_cpp_job}
