@@ -19,12 +19,25 @@ def _console():
 def cmd_export(args) -> int:
     from .export.bundle import ModelRequest, export_bundle
 
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
     console = _console()
     target = ModelRequest(args.target, "target", name=args.name, quant=args.quant)
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   console=console, transient=True)
+    tasks = {}
+
+    def progress(done: int, total: int, label: str) -> None:
+        if label not in tasks:
+            tasks[label] = bar.add_task(label, total=total or None)
+        bar.update(tasks[label], completed=done, total=total or None)
+
     drafters = [ModelRequest(d, "drafter", quant=args.quant) for d in args.drafter or ()]
-    report = export_bundle(target, args.output, drafters, accuracy_level=args.accuracy_level,
-                           eight_bit=args.eight_bit, fused_ops=not args.no_fused_ops, threads=args.threads,
-                           parity=not args.no_parity, overwrite=args.force, log=lambda m: console.print(m))
+    with bar:
+        report = export_bundle(target, args.output, drafters, accuracy_level=args.accuracy_level,
+                               eight_bit=args.eight_bit, fused_ops=not args.no_fused_ops, threads=args.threads,
+                               parity=not args.no_parity, overwrite=args.force, log=lambda m: console.print(m),
+                               progress=progress)
     console.print(f"[bold green]bundle written:[/] {report.bundle} in {report.seconds:.1f} s")
     for name, stats in report.models.items():
         console.print(f"  {name}: {stats['graph_bytes'] / 1e6:.0f} MB, {stats['seconds']:.1f} s")
@@ -33,7 +46,7 @@ def cmd_export(args) -> int:
 
 def _gen_config(args) -> dict:
     config = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-              "top_p": args.top_p, "seed": args.seed}
+              "top_p": args.top_p, "seed": args.seed, "truncate_prompt": args.truncate_prompt}
     if args.stop:
         config["stop"] = tuple(args.stop)
     return config
@@ -154,6 +167,7 @@ def _add_generation_args(p) -> None:
     p.add_argument("--stop", action="append", help="stop string (repeatable)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-context", type=int, default=4096)
+    p.add_argument("--truncate-prompt", action="store_true", help="keep the tail of a prompt over the context length")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -85,6 +86,7 @@ class Engine:
         self._cached_ids: list[int] = []  # token ids whose K/V are committed in the runner's cache
         self._lock = threading.Lock()
         self.last_stats: GenerationStats | None = None
+        self._warned_no_template = False
 
     # ---- public API -------------------------------------------------------------------------------------------
     @property
@@ -101,6 +103,10 @@ class Engine:
 
     def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The prompt text for `messages` under the model's chat template (plain-text fallback without one)."""
+        if not self.entry.chat_template and not self._warned_no_template:
+            self._warned_no_template = True
+            warnings.warn(f"model {self.entry.name!r} has no chat template (a base model): using a plain-text "
+                          "'User: ... / Assistant:' fallback", UserWarning, stacklevel=2)
         tok = self.tokenizer
         bos = tok.id_to_token(self.entry.bos_token_id) if self.entry.bos_token_id is not None else ""
         eos = tok.id_to_token(self.entry.eos_token_ids[0]) if self.entry.eos_token_ids else ""
@@ -113,7 +119,8 @@ class Engine:
     def generate(self, prompt: str | list[int], **config) -> GenerationResult:
         """Generate a completion of `prompt` (text or token ids). Keyword arguments are GenerationConfig fields."""
         pieces = []
-        gen = self._generate(self._prompt_ids(prompt), self._config(config))
+        config = self._config(config)
+        gen = self._generate(self._prompt_ids(prompt, config), config)
         try:
             while True:
                 pieces.append(next(gen))
@@ -126,7 +133,8 @@ class Engine:
         """Yield text pieces as they are generated (never splitting a multi-byte character).
 
         Options and the prompt are checked at once (errors raise here, not at the first piece)."""
-        return self._generate(self._prompt_ids(prompt), self._config(config))
+        config = self._config(config)
+        return self._generate(self._prompt_ids(prompt, config), config)
 
     def chat(self, messages: list[dict], **config) -> GenerationResult:
         """Answer the conversation `messages` ([{role, content}, ...]) using the model's chat template."""
@@ -198,13 +206,20 @@ class Engine:
             stats.decode_seconds += time.perf_counter() - t
             stats.steps += 1
 
-    def _prompt_ids(self, prompt: str | list[int]) -> list[int]:
-        """Token ids of `prompt`, checked against the vocabulary and the context length."""
+    def _prompt_ids(self, prompt: str | list[int], config: GenerationConfig | None = None) -> list[int]:
+        """Token ids of `prompt`, checked against the vocabulary and the context length.
+
+        A prompt that does not fit raises ContextOverflow, unless `config.truncate_prompt` asks to keep its tail
+        (room is left for min(max_new_tokens, half the context) new tokens)."""
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise ValueError("empty prompt")
         if len(ids) >= self.context_length:
-            raise ContextOverflow(f"prompt has {len(ids)} tokens; the context length is {self.context_length}")
+            if config is None or not config.truncate_prompt:
+                raise ContextOverflow(f"prompt has {len(ids)} tokens; the context length is {self.context_length} "
+                                      "(pass truncate_prompt=True to keep the prompt's tail)")
+            room = max(1, min(config.max_new_tokens, self.context_length // 2))
+            ids = ids[len(ids) - (self.context_length - room):]
         bad = [i for i in ids if not 0 <= i < self.entry.vocab_size]
         if bad:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.entry.vocab_size}")

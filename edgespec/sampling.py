@@ -37,6 +37,7 @@ class GenerationConfig:
     stop: tuple[str, ...] = ()
     eos_token_ids: tuple[int, ...] | None = None
     ignore_eos: bool = False
+    truncate_prompt: bool = False  # keep the prompt's tail instead of refusing one over the context length
     do_sample: bool | None = None
 
     def __post_init__(self) -> None:
@@ -91,6 +92,8 @@ class GenerationConfig:
                 is_int(t) and t >= 0 for t in self.eos_token_ids
             ):
                 raise ValueError(f"eos_token_ids must be None or a sequence of ints >= 0, got {self.eos_token_ids!r}")
+        if not isinstance(self.truncate_prompt, bool):
+            raise ValueError(f"truncate_prompt must be a bool, got {self.truncate_prompt!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
         if self.do_sample is not None and not isinstance(self.do_sample, bool):

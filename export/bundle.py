@@ -124,11 +124,11 @@ def _accuracy(entry, ids: np.ndarray, ref_stats, threads: int) -> dict:
 
 
 def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: int, parity: bool,
-                  log: Log, cache_dir: str | None) -> tuple[str, dict, dict]:
+                  log: Log, cache_dir: str | None, progress=None) -> tuple[str, dict, dict]:
     from tokenizers import Tokenizer
 
     t0 = time.perf_counter()
-    source = resolve(req.source, cache_dir)
+    source = resolve(req.source, cache_dir, progress=progress)
     name = _model_name(source, req.name)
     quant = req.quant or ("gguf" if source.kind == "gguf" else "fp32")
     log(f"[{name}] {source.kind} source {source.path} -> quantization {quant}")
@@ -198,7 +198,8 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
 def export_bundle(target: str | ModelRequest, out_dir: str | os.PathLike, drafters=(), *, quant: str | None = None,
                   name: str | None = None,
                   accuracy_level: int = 0, eight_bit: str = "fp32", fused_ops: bool = True, threads: int | None = None, parity: bool = True,
-                  cache_dir: str | None = None, overwrite: bool = False, log: Log = print) -> ExportReport:
+                  cache_dir: str | None = None, overwrite: bool = False, log: Log = print,
+                  progress=None) -> ExportReport:
     """Export `target` (and `drafters`) into the bundle folder `out_dir`; see the module docstring."""
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -213,7 +214,7 @@ def export_bundle(target: str | ModelRequest, out_dir: str | os.PathLike, drafte
         models, target_name = {}, None
         opts = BuildOptions(accuracy_level=accuracy_level, eight_bit=eight_bit, fused_ops=fused_ops)
         for req in requests:
-            name, d, stats = _export_model(req, tmp, opts, threads or 2, parity, log, cache_dir)
+            name, d, stats = _export_model(req, tmp, opts, threads or 2, parity, log, cache_dir, progress)
             if name in models:
                 raise ExportError(f"two models would share the name {name!r}; name them explicitly")
             models[name] = d

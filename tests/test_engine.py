@@ -444,3 +444,36 @@ def test_top_level_api_and_eager_stream_errors(tiny_bundles):
     with pytest.raises(ContextOverflow, match="context length is 32"):
         engine.stream(list(range(40)))
     assert "".join(engine.stream("hello", max_new_tokens=4)) == engine.generate("hello", max_new_tokens=4).text
+
+
+def test_truncation_only_when_asked(tiny_bundles):
+    import edgespec
+    from edgespec.runtimes.runner import ContextOverflow
+
+    engine = edgespec.load(tiny_bundles["qwen2"], max_context=48)
+    prompt = list(range(1, 61))
+    with pytest.raises(ContextOverflow, match="truncate_prompt"):
+        engine.generate(prompt, max_new_tokens=8)
+    result = engine.generate(prompt, max_new_tokens=8, truncate_prompt=True)
+    assert result.stats.prompt_tokens == 40  # 48 - room for 8 new tokens: the prompt's last 40 tokens
+    assert result.token_ids == engine.generate(prompt[-40:], max_new_tokens=8).token_ids
+
+
+def test_base_model_chat_fallback_is_announced(tiny_bundles, tmp_path):
+    import json as _json
+    import warnings as _warnings
+
+    import edgespec
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(tiny_bundles["gemma3"], copy)
+    manifest = _json.loads((copy / "manifest.json").read_text())
+    for model in manifest["models"].values():
+        model["chat_template"] = None
+    (copy / "manifest.json").write_text(_json.dumps(manifest))
+    engine = edgespec.load(copy)
+    with pytest.warns(UserWarning, match="no chat template"):
+        engine.render_chat([{"role": "user", "content": "Hi"}])
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        engine.render_chat([{"role": "user", "content": "Hi"}])  # said once, not on every turn
