@@ -121,11 +121,27 @@ def register_mode(name: str):
     return deco
 
 
+def _run(engine, prompt: str, gen_config: dict):
+    result = engine.generate(prompt, **gen_config)
+    return result.token_ids, {**result.stats.to_dict(), "finish_reason": result.finish_reason}
+
+
 @register_mode("plain")
 def plain_mode(engine, prompt: str, gen_config: dict):
     """Ordinary autoregressive decoding: one target forward per token."""
-    result = engine.generate(prompt, **gen_config)
-    return result.token_ids, {**result.stats.to_dict(), "finish_reason": result.finish_reason}
+    if getattr(engine, "drafter", None) is not None:
+        engine.set_drafter(None)
+    return _run(engine, prompt, gen_config)
+
+
+@register_mode("ngram")
+def ngram_mode(engine, prompt: str, gen_config: dict):
+    """Speculative decoding with the n-gram drafter: context and recycling tiers (the session tier is cleared
+    between prompts by the bench's reset; no persistent cache, so prompts do not learn from each other; a static
+    cache when the job names one)."""
+    if getattr(engine.drafter, "name", None) != "ngram":
+        engine.set_drafter("ngram", ngram_cache=False, ngram_static=getattr(engine, "bench_ngram_static", None))
+    return _run(engine, prompt, gen_config)
 
 
 def bench_gen_config(max_new_tokens: int) -> dict:
@@ -515,7 +531,9 @@ def run_mode_job(job: dict, engine=None) -> dict:
     n_new = job["max_new_tokens"]
     t = time.perf_counter()
     if engine is None:
-        engine = load(job["bundle"], threads=job["threads"], max_context=job["max_context"])
+        engine = load(job["bundle"], threads=job["threads"], max_context=job["max_context"], drafter=None,
+                      draft_budget=job.get("draft_budget", 16))
+        engine.bench_ngram_static = job.get("ngram_static")
     load_seconds = time.perf_counter() - t
     entry = engine.entry
     result = {"system": system, "kind": "mode", "status": "ok", "note": None, "load_seconds": load_seconds,
@@ -768,7 +786,8 @@ def run_bench(args, echo: Callable[[str], None] = _log) -> dict:
          f"{args.max_new_tokens} new tokens, {threads} threads")
 
     base_job = {"kind": "mode", "bundle": str(args.bundle), "threads": threads, "max_context": args.max_context,
-                "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "questions": questions}
+                "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "questions": questions,
+                "draft_budget": getattr(args, "draft_budget", 16), "ngram_static": getattr(args, "ngram_static", None)}
     systems: dict[str, dict] = {}
     rows: list[dict] = []
     prepared = None  # a mode result with the prompt ids
@@ -851,6 +870,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads for every system (default: the engine's)")
     parser.add_argument("--max-context", type=int, default=4096, help="engine context (prompt + new tokens must fit)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed short generations before measuring")
+    parser.add_argument("--draft-budget", type=int, default=16, help="draft tree nodes per step (speculative modes)")
+    parser.add_argument("--ngram-static", default=None, metavar="CACHE",
+                        help="a static n-gram cache (edgespec ngram build) for the ngram mode")
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the full result here")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write the Markdown report here")
     parser.add_argument("--in-process", action="store_true",

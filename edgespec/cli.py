@@ -52,10 +52,27 @@ def _gen_config(args) -> dict:
     return config
 
 
-def cmd_generate(args) -> int:
+def _load_engine(args):
+    """The engine for `generate`/`chat`, with the drafting options."""
     from .engine import load
 
-    engine = load(args.bundle, threads=args.threads, max_context=args.max_context)
+    cache = False if args.no_ngram_cache else args.ngram_cache
+    return load(args.bundle, threads=args.threads, max_context=args.max_context,
+                drafter=None if args.drafter == "none" else args.drafter, draft_budget=args.draft_budget,
+                ngram_cache=cache, ngram_static=args.ngram_static)
+
+
+def _stats_line(stats) -> str:
+    line = (f"{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, first token "
+            f"{stats.time_to_first_token * 1000:.0f} ms, prompt {stats.prompt_tokens} tokens")
+    if stats.drafter != "none":
+        line += (f"; {stats.drafter}: {stats.mean_accepted_tokens:.2f} tokens/step, "
+                 f"{stats.accepted_tokens}/{stats.drafted_tokens} drafts accepted")
+    return line
+
+
+def cmd_generate(args) -> int:
+    engine = _load_engine(args)
     prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     stream = engine.chat_stream([{"role": "user", "content": prompt}], **_gen_config(args)) if args.chat else \
         engine.stream(prompt, **_gen_config(args))
@@ -67,16 +84,13 @@ def cmd_generate(args) -> int:
     if args.json_stats:
         print(json.dumps(stats.to_dict()))
     else:
-        _console().print(f"[dim]{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
-                         f"first token {stats.time_to_first_token * 1000:.0f} ms, prompt {stats.prompt_tokens} tokens[/]")
+        _console().print(f"[dim]{_stats_line(stats)}[/]")
     return 0
 
 
 def cmd_chat(args) -> int:
-    from .engine import load
-
     console = _console()
-    engine = load(args.bundle, threads=args.threads, max_context=args.max_context)
+    engine = _load_engine(args)
     if not engine.entry.chat_template:
         console.print("[yellow]this model has no chat template (a base model): using a plain-text fallback[/]")
     messages = [{"role": "system", "content": args.system}] if args.system else []
@@ -168,6 +182,13 @@ def _add_generation_args(p) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-context", type=int, default=4096)
     p.add_argument("--truncate-prompt", action="store_true", help="keep the tail of a prompt over the context length")
+    p.add_argument("--drafter", choices=["ngram", "none"], default="ngram",
+                   help="speculative drafter (default ngram; none = plain decoding). Output is the same either way")
+    p.add_argument("--draft-budget", type=int, default=16, help="draft tree nodes per step")
+    p.add_argument("--ngram-cache", default=None, metavar="PATH",
+                   help="persistent n-gram cache file (default: one per bundle under ~/.cache/edgespec/ngram)")
+    p.add_argument("--no-ngram-cache", action="store_true", help="no persistent n-gram cache")
+    p.add_argument("--ngram-static", default=None, metavar="CACHE", help="a cache built by `edgespec ngram build`")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +243,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bench", help="benchmark on Spec-Bench against peers")
     bench_arguments(p)
     p.set_defaults(func=cmd_bench)
+
+    from .ngram import register_cli as ngram_cli
+
+    ngram_cli(sub)
     return parser
 
 

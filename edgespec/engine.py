@@ -1,12 +1,15 @@
 """The engine: a loaded bundle that generates text (`edgespec.load(...)` returns one).
 
 Generation is split into small phases in the manner of gpt-fast: `_prefill` feeds the prompt (reusing the cached
-prefix of the previous call), `_decode_step` scores one token, and `_run` drives them, applying stop rules. Every
-path yields token ids one at a time; `stream` turns them into text pieces that never split a character.
+prefix of the previous call), `_decode_step` scores one token (plain decoding), and `_speculate_step` runs one
+draft -> verify -> commit round (speculative decoding with any `Drafter`). `_generate` drives them and applies the
+stop rules. Every path yields token ids one at a time, so stop strings, EOS and `max_new_tokens` behave the same
+with and without speculation; `stream` turns the ids into text pieces that never split a character.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import warnings
@@ -16,10 +19,12 @@ from typing import Iterator
 import numpy as np
 
 from .chat import render_chat
+from .drafting import DraftTree, Drafter, VerifiedStep
 from .runtimes.manifest import BundleError, Manifest, ModelEntry, load_manifest
 from .runtimes.runner import ContextOverflow, ModelRunner, default_threads
 from .sampling import GenerationConfig, greedy, process_logits, sample
 from .text import StopMatcher, StreamDecoder, Tokenizer
+from .verify import verify_tree
 
 
 @dataclass
@@ -30,12 +35,14 @@ class GenerationStats:
     reused_prompt_tokens: int = 0
     new_tokens: int = 0
     steps: int = 0  # target forward passes that produced tokens (prefill counts as one)
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
+    drafted_tokens: int = 0  # draft tree nodes scored by the target
+    accepted_tokens: int = 0  # draft tokens the target accepted (bonus tokens not counted)
+    drafter: str = "none"
     prefill_seconds: float = 0.0
-    decode_seconds: float = 0.0
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
+    decode_seconds: float = 0.0  # everything after the first token: drafting + verifying + bookkeeping
+    draft_seconds: float = 0.0  # inside the drafter (propose and observe)
+    verify_seconds: float = 0.0  # target forwards of the decode phase
+    bookkeeping_seconds: float = 0.0  # tree checks, acceptance, KV commit
     time_to_first_token: float = 0.0
     total_seconds: float = 0.0
 
@@ -49,11 +56,17 @@ class GenerationStats:
         """Spec-Bench's metric: tokens produced per target forward (1.0 for plain decoding)."""
         return self.new_tokens / self.steps if self.steps else 0.0
 
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted draft tokens / drafted tokens (0 when nothing was drafted)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
+
     def to_dict(self) -> dict:
         """Plain dict, with the derived rates."""
         d = dict(self.__dict__)
         d["tokens_per_second"] = round(self.tokens_per_second, 3)
         d["mean_accepted_tokens"] = round(self.mean_accepted_tokens, 3)
+        d["acceptance_rate"] = round(self.acceptance_rate, 3)
         return d
 
 
@@ -71,7 +84,8 @@ class Engine:
     """A loaded bundle: target runner, tokenizer and chat template."""
 
     def __init__(self, manifest: Manifest, threads: int | None = None, max_context: int | None = None,
-                 model: str | None = None):
+                 model: str | None = None, drafter: "str | Drafter | None" = None, draft_budget: int = 16,
+                 ngram_cache=None, ngram_static=None):
         self.manifest = manifest
         self.entry: ModelEntry = manifest.models[model] if model else manifest.target_model
         self.threads = threads or default_threads()
@@ -87,6 +101,10 @@ class Engine:
         self._lock = threading.Lock()
         self.last_stats: GenerationStats | None = None
         self._warned_no_template = False
+        if not isinstance(draft_budget, int) or isinstance(draft_budget, bool) or draft_budget < 0:
+            raise ValueError(f"draft_budget must be an int >= 0, got {draft_budget!r}")
+        self.draft_budget = draft_budget
+        self.drafter: Drafter | None = make_drafter(drafter, self, ngram_cache=ngram_cache, ngram_static=ngram_static)
 
     # ---- public API -------------------------------------------------------------------------------------------
     @property
@@ -145,9 +163,15 @@ class Engine:
         return self.stream(self.render_chat(messages), **config)
 
     def reset(self) -> None:
-        """Forget the cached prefix."""
+        """Forget the cached prefix and the drafter's session state (a new conversation)."""
         self.runner.reset()
         self._cached_ids = []
+        if self.drafter is not None:
+            self.drafter.reset()
+
+    def set_drafter(self, drafter: "str | Drafter | None", **options) -> None:
+        """Switch drafting: None or "none" (plain decoding), "ngram", or any Drafter instance."""
+        self.drafter = make_drafter(drafter, self, **options)
 
     # ---- phases -----------------------------------------------------------------------------------------------
     def _config(self, overrides: dict) -> GenerationConfig:
@@ -191,20 +215,95 @@ class Engine:
             return greedy(logits)
         return sample(process_logits(logits, config.temperature, config.top_k, config.top_p), rng)
 
-    def _tokens(self, ids: list[int], config: GenerationConfig, stats: GenerationStats) -> Iterator[int]:
-        """The plain decoding loop: yields each new token id (the caller decides when to stop)."""
+    def _tokens(self, ids: list[int], config: GenerationConfig, stats: GenerationStats,
+                budget: int) -> Iterator[int]:
+        """The decoding loop: yields each new token id (the caller decides when to stop).
+
+        Without a drafter every step scores one token; with one, each step verifies a draft tree and yields the
+        accepted tokens and the target's bonus token. `budget` bounds how many tokens the caller can take."""
         rng = np.random.default_rng(config.seed)
+        drafter = self.drafter if self.draft_budget > 0 else None
+        stats.drafter = drafter.name if drafter is not None else "none"
         start = time.perf_counter()
         logits = self._prefill(ids, stats)
         stats.prefill_seconds = time.perf_counter() - start
         stats.steps = 1  # the prefill forward yields the first token (Spec-Bench counts it as a step)
-        while True:
-            token = self._choose(logits, config, rng)
-            yield token
+        token = self._choose(logits, config, rng)
+        if drafter is None:
+            while True:
+                yield token
+                t = time.perf_counter()
+                logits = self._decode_step(token)
+                stats.decode_seconds += time.perf_counter() - t
+                stats.steps += 1
+                token = self._choose(logits, config, rng)
+        context = list(ids)
+        t = time.perf_counter()
+        drafter.start(list(ids), config)
+        stats.draft_seconds += time.perf_counter() - t
+        produced = 0
+        try:
+            while True:
+                yield token
+                produced += 1
+                context.append(token)
+                t = time.perf_counter()
+                accepted, token = self._speculate_step(context, config, rng, stats, budget - produced)
+                stats.steps += 1
+                for accepted_token in accepted:
+                    yield accepted_token
+                    produced += 1
+                    context.append(accepted_token)
+                stats.decode_seconds += time.perf_counter() - t
+        finally:
             t = time.perf_counter()
-            logits = self._decode_step(token)
-            stats.decode_seconds += time.perf_counter() - t
-            stats.steps += 1
+            drafter.finish(context)
+            stats.draft_seconds += time.perf_counter() - t
+
+    def _draft(self, context: list[int], remaining: int, stats: GenerationStats) -> DraftTree:
+        """Ask the drafter for a tree, checked and cut to the node budget, the tokens still wanted and the room left
+        in the context (the pending token and the tree must fit)."""
+        t = time.perf_counter()
+        room = self.context_length - len(context)  # slots left once the pending token is cached
+        max_nodes = min(self.draft_budget, room)
+        max_depth = min(remaining - 1, room)  # accepted + bonus never exceed what the caller can take
+        tree = self.drafter.propose(context, max_nodes) if max_nodes > 0 and max_depth > 0 else DraftTree.empty()
+        stats.draft_seconds += time.perf_counter() - t
+        if not isinstance(tree, DraftTree):
+            raise TypeError(f"drafter {self.drafter.name!r} returned {type(tree).__name__}, not a DraftTree")
+        tree.validate(self.entry.vocab_size)
+        return tree.prune(max_nodes, max_depth) if len(tree) else tree
+
+    def _speculate_step(self, context: list[int], config: GenerationConfig, rng, stats: GenerationStats,
+                        remaining: int) -> tuple[list[int], int]:
+        """One draft -> verify -> commit round. `context[-1]` is the pending token (yielded, not yet cached).
+
+        The target scores the pending token and every tree node in one forward with the tree mask; the accepted
+        path's K/V are kept (no re-run) and the drafter learns what happened. Returns (accepted draft tokens, bonus
+        token); the bonus is the new pending token."""
+        t0 = time.perf_counter()
+        draft_before, verify_before = stats.draft_seconds, stats.verify_seconds
+        tree = self._draft(context, remaining, stats)
+        pending = context[-1]
+        fed_tokens = np.concatenate([[pending], tree.tokens]).astype(np.int64)
+        fed_parents = np.concatenate([[-1], np.where(tree.parents < 0, 0, tree.parents + 1)]).astype(np.int64)
+        t = time.perf_counter()
+        logits = self.runner.forward(fed_tokens, fed_parents)
+        stats.verify_seconds += time.perf_counter() - t
+        accepted_nodes, bonus = verify_tree(tree, logits, config, rng)
+        self.runner.commit([0] + [node + 1 for node in accepted_nodes])
+        accepted = [int(tree.tokens[node]) for node in accepted_nodes]
+        self._cached_ids.append(pending)
+        self._cached_ids.extend(accepted)
+        stats.drafted_tokens += len(tree)
+        stats.accepted_tokens += len(accepted)
+        t = time.perf_counter()
+        self.drafter.observe(VerifiedStep(fed_tokens, fed_parents, logits, accepted_nodes, accepted + [bonus],
+                                          context_length=len(context)))
+        stats.draft_seconds += time.perf_counter() - t
+        inner = (stats.draft_seconds - draft_before) + (stats.verify_seconds - verify_before)
+        stats.bookkeeping_seconds += time.perf_counter() - t0 - inner
+        return accepted, bonus
 
     def _prompt_ids(self, prompt: str | list[int], config: GenerationConfig | None = None) -> list[int]:
         """Token ids of `prompt`, checked against the vocabulary and the context length.
@@ -236,7 +335,7 @@ class Engine:
             out_ids: list[int] = []
             finish = "length"
             t0 = time.perf_counter()
-            tokens = self._tokens(ids, config, stats) if budget > 0 else iter(())
+            tokens = self._tokens(ids, config, stats, budget) if budget > 0 else iter(())
             try:
                 for token in tokens:
                     if not out_ids:
@@ -267,10 +366,40 @@ class Engine:
         return GenerationResult(text="", token_ids=out_ids, finish_reason=finish, stats=stats)
 
 
-def load(bundle_dir, threads: int | None = None, max_context: int | None = None, model: str | None = None) -> Engine:
+def make_drafter(spec: "str | Drafter | None", engine: Engine, ngram_cache=None, ngram_static=None) -> Drafter | None:
+    """The drafter for `spec`: None/"none" (plain decoding), "ngram" (context, session, recycling, persistent and
+    static n-gram tiers) or a Drafter instance (used as is).
+
+    `ngram_cache`: None = the default persistent cache file for this bundle (under $EDGESPEC_NGRAM_DIR, default
+    ~/.cache/edgespec/ngram), False = no persistent cache, or a path. `ngram_static`: a cache built by
+    `edgespec ngram build`."""
+    if spec is None or spec == "none":
+        return None
+    if isinstance(spec, Drafter):
+        return spec
+    if spec == "ngram":
+        from . import ngram
+
+        fingerprint = ngram.tokenizer_fingerprint(engine.entry.tokenizer_path)
+        if ngram_cache is None:
+            root = os.environ.get("EDGESPEC_NGRAM_DIR") or os.path.join(
+                os.path.expanduser("~"), ".cache", "edgespec", "ngram")
+            ngram_cache = ngram.default_cache_path(root, engine.entry.name, fingerprint)
+        return ngram.NGramDrafter(engine.entry.vocab_size, fingerprint=fingerprint,
+                                  persistent_path=ngram_cache or None, static_path=ngram_static)
+    raise ValueError(f"unknown drafter {spec!r}: use 'ngram', 'none' or a Drafter instance")
+
+
+def load(bundle_dir, threads: int | None = None, max_context: int | None = None, model: str | None = None,
+         drafter: "str | Drafter | None" = "ngram", draft_budget: int = 16, ngram_cache=None,
+         ngram_static=None) -> Engine:
     """Load a bundle folder and return an Engine for its target (or the named model).
+
+    Decoding is speculative with the n-gram drafter by default (exact: greedy output is the target's own greedy
+    output); `drafter=None` gives plain decoding. `draft_budget` caps the draft tree's nodes per step.
 
     >>> engine = edgespec.load("bundles/qwen")            # doctest: +SKIP
     >>> engine.generate("def add(a, b):", max_new_tokens=32).text   # doctest: +SKIP
     """
-    return Engine(load_manifest(bundle_dir), threads=threads, max_context=max_context, model=model)
+    return Engine(load_manifest(bundle_dir), threads=threads, max_context=max_context, model=model,
+                  drafter=drafter, draft_budget=draft_budget, ngram_cache=ngram_cache, ngram_static=ngram_static)

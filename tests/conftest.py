@@ -109,6 +109,35 @@ def torch_reference():
     return get
 
 
+@pytest.fixture(scope="session")
+def real_bundles(tmp_path_factory):
+    """Export a real model by short name (once per session)."""
+    from edgespec.export.bundle import export_bundle
+
+    root = tmp_path_factory.mktemp("real-bundles")
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            cache[name] = export_bundle(name, root / name, log=print).bundle
+        return cache[name]
+
+    return get
+
+
+@pytest.fixture(scope="session", autouse=True)
+def private_ngram_cache_dir(tmp_path_factory):
+    """Persistent n-gram caches of engines loaded with the defaults go to a session folder, not the home folder."""
+    folder = tmp_path_factory.mktemp("ngram-caches")
+    old = os.environ.get("EDGESPEC_NGRAM_DIR")
+    os.environ["EDGESPEC_NGRAM_DIR"] = str(folder)
+    yield folder
+    if old is None:
+        os.environ.pop("EDGESPEC_NGRAM_DIR", None)
+    else:
+        os.environ["EDGESPEC_NGRAM_DIR"] = old
+
+
 def pytest_collection_modifyitems(config, items):
     """Real-model tests run unless EDGESPEC_SKIP_REAL=1."""
     if os.environ.get("EDGESPEC_SKIP_REAL") == "1":

@@ -363,7 +363,8 @@ def test_chat_fallback_without_template(tiny_bundles, tmp_path):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_stats(arch, tiny_bundles):
-    engine = load(tiny_bundles[arch])
+    """Plain decoding's stats (speculative stats are tested in test_speculative)."""
+    engine = load(tiny_bundles[arch], drafter=None)
     ids = engine.encode(PROMPTS[0])
     r = engine.generate(ids, max_new_tokens=16, ignore_eos=True)
     s = r.stats

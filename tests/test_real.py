@@ -24,21 +24,6 @@ NEAR_TIE = 1e-3  # top-2 logit margin under which fp32 kernels with different su
 
 
 @pytest.fixture(scope="session")
-def real_bundles(tmp_path_factory):
-    from edgespec.export.bundle import export_bundle
-
-    root = tmp_path_factory.mktemp("real-bundles")
-    cache = {}
-
-    def get(name: str):
-        if name not in cache:
-            cache[name] = export_bundle(name, root / name, log=print).bundle
-        return cache[name]
-
-    return get
-
-
-@pytest.fixture(scope="session")
 def real_engines(real_bundles):
     cache = {}
 

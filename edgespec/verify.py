@@ -1,0 +1,110 @@
+"""Verification: given a draft tree and the target's logits at every node, pick the accepted path and the bonus.
+
+`logits[0]` are the target's logits after the context's last token, `logits[i + 1]` after tree node i. Each
+function walks down from the root and returns `(accepted_nodes, bonus_token)`: the tree nodes on the accepted path
+(root first) and the token the target itself contributes after them. All three are exact by construction:
+
+* `verify_greedy`: follow the child equal to the target's argmax; the bonus is the argmax where no child matches.
+  Output equals plain greedy decoding whenever the scored logits equal plain decoding's.
+* `verify_sampled`: for deterministic drafts (no draft probabilities): sample the target's token at each node and
+  follow the child that matches; every emitted token is a plain draw from the target.
+* `verify_rejection`: multi-draft tree rejection sampling with draft probabilities q (siblings drawn from q
+  without replacement): try siblings in order, accept child x with probability min(1, p(x) / q(x)); on rejection
+  p <- normalise(max(0, p - q)) and x is removed from q; if no child is accepted, sample from the residual p.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .drafting import DraftTree
+from .sampling import GenerationConfig, process_logits, sample
+
+
+def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """The target distribution after a rejection: normalise(max(0, p - q)) (p itself if nothing is left)."""
+    rest = np.maximum(p - q, 0.0)
+    total = rest.sum()
+    return rest / total if total > 0 else p
+
+
+def _child_with_token(tree: DraftTree, kids: list[int], token: int) -> int | None:
+    for child in kids:
+        if tree.tokens[child] == token:
+            return child
+    return None
+
+
+def verify_greedy(tree: DraftTree, logits: np.ndarray) -> tuple[list[int], int]:
+    """Longest root path whose tokens equal the target's argmax at each step, and the argmax after it."""
+    children = tree.children()
+    accepted: list[int] = []
+    node = -1
+    while True:
+        target = int(np.argmax(logits[node + 1]))
+        child = _child_with_token(tree, children[node + 1], target)
+        if child is None:
+            return accepted, target
+        accepted.append(child)
+        node = child
+
+
+def verify_sampled(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
+                   rng: np.random.Generator) -> tuple[list[int], int]:
+    """Deterministic drafts: draw the target's token at each node (temperature/top-k/top-p applied) and follow the
+    matching child; the first draw that matches no child is the bonus."""
+    children = tree.children()
+    accepted: list[int] = []
+    node = -1
+    while True:
+        p = process_logits(logits[node + 1], config.temperature, config.top_k, config.top_p)
+        token = sample(p, rng)
+        child = _child_with_token(tree, children[node + 1], token)
+        if child is None:
+            return accepted, token
+        accepted.append(child)
+        node = child
+
+
+def verify_rejection(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
+                     rng: np.random.Generator) -> tuple[list[int], int]:
+    """Multi-draft rejection sampling over the tree (tree.probs required; siblings drawn from q without
+    replacement). The emitted tokens follow the target's processed distribution exactly."""
+    if tree.probs is None:
+        raise ValueError("verify_rejection needs draft probabilities (tree.probs)")
+    children = tree.children()
+    accepted: list[int] = []
+    node = -1
+    while True:
+        p = process_logits(logits[node + 1], config.temperature, config.top_k, config.top_p)
+        kids = children[node + 1]
+        if not kids:
+            return accepted, sample(p, rng)
+        q = np.asarray(tree.probs[kids[0]], dtype=np.float64).copy()
+        q /= q.sum()
+        chosen = None
+        for child in kids:
+            token = int(tree.tokens[child])
+            if rng.random() * q[token] < p[token]:  # accept with probability min(1, p/q)
+                chosen = child
+                break
+            p = residual(p, q)
+            q[token] = 0.0
+            total = q.sum()
+            if total > 0:
+                q /= total
+        if chosen is None:
+            return accepted, sample(p, rng)
+        accepted.append(chosen)
+        node = chosen
+
+
+def verify_tree(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
+                rng: np.random.Generator) -> tuple[list[int], int]:
+    """The exact verification rule for `config`: greedy, rejection sampling with draft probabilities, or
+    target sampling for deterministic drafts."""
+    if config.is_greedy:
+        return verify_greedy(tree, logits)
+    if tree.probs is not None:
+        return verify_rejection(tree, logits, config, rng)
+    return verify_sampled(tree, logits, config, rng)

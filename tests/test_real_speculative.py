@@ -1,0 +1,91 @@
+"""Speculative decoding on the real models: greedy output with the n-gram drafter (and with garbage drafts) equals
+plain greedy output token for token, including where stop strings and EOS fall inside accepted runs."""
+
+from __future__ import annotations
+
+import pytest
+
+import edgespec.engine
+from spec_helpers import RandomDrafter, assert_exact_or_near_tie
+
+pytestmark = pytest.mark.real
+
+MODELS = ("smollm2-135m", "qwen2.5-coder-0.5b")
+PROMPTS = (
+    # copying-heavy prompts (where n-gram drafts are accepted) and free-form ones
+    "Repeat this sentence exactly three times: The quick brown fox jumps over the lazy dog.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n\n"
+    "# The same function with memoisation:\n",
+    "Summarize: The Eiffel Tower is a wrought-iron lattice tower in Paris, France. It is named after Gustave "
+    "Eiffel, whose company designed and built the tower from 1887 to 1889. The Eiffel Tower is 330 metres tall.",
+    "List the numbers from 1 to 20, separated by commas:",
+)
+
+
+@pytest.fixture(scope="module")
+def engines(real_bundles, tmp_path_factory):
+    cache = {}
+
+    def get(name: str):
+        if name not in cache:
+            bundle = real_bundles(name)
+            plain = edgespec.engine.load(bundle, threads=2, max_context=1024, drafter=None)
+            spec = edgespec.engine.load(bundle, threads=2, max_context=1024, drafter="ngram",
+                                        ngram_cache=tmp_path_factory.mktemp("ngram") / f"{name}.esng")
+            cache[name] = plain, spec
+        return cache[name]
+
+    return get
+
+
+def _chat_ids(engine, prompt: str) -> list[int]:
+    return engine.encode(engine.render_chat([{"role": "user", "content": prompt}]))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_ngram_greedy_equals_plain(name, engines):
+    plain, spec = engines(name)
+    accepted = 0
+    for prompt in PROMPTS:
+        ids = _chat_ids(plain, prompt)
+        want = plain.generate(ids, max_new_tokens=64, ignore_eos=True)
+        got = spec.generate(ids, max_new_tokens=64, ignore_eos=True)
+        assert_exact_or_near_tie(plain.entry, ids, want.token_ids, got.token_ids, f"{name} {prompt[:30]!r}")
+        accepted += got.stats.accepted_tokens
+        assert got.stats.drafter == "ngram"
+    assert accepted > 20, "the n-gram drafter should get copy-heavy prompts accepted"
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_stop_string_and_eos_inside_accepted_runs(name, engines):
+    """With natural EOS (chat answers that end) and with a stop string taken from the middle of the plain answer,
+    speculative output has the same text, ids and finish reason."""
+    plain, spec = engines(name)
+    for prompt in PROMPTS:
+        ids = _chat_ids(plain, prompt)
+        want = plain.generate(ids, max_new_tokens=96)
+        got = spec.generate(ids, max_new_tokens=96)
+        if got.token_ids != want.token_ids:
+            assert_exact_or_near_tie(plain.entry, ids, want.token_ids, got.token_ids, f"{name} eos")
+            continue
+        assert (got.text, got.finish_reason) == (want.text, want.finish_reason)
+        text = want.text
+        stop = text[len(text) // 2: len(text) // 2 + 4]
+        if len(stop.strip()) < 2:
+            continue
+        want = plain.generate(ids, max_new_tokens=96, stop=[stop])
+        got = spec.generate(ids, max_new_tokens=96, stop=[stop])
+        assert (got.text, got.token_ids, got.finish_reason) == (want.text, want.token_ids, want.finish_reason)
+        assert want.finish_reason == "stop"
+
+
+def test_garbage_drafts_stay_exact_on_a_real_model(engines, real_bundles):
+    plain, _ = engines("smollm2-135m")
+    spec = edgespec.engine.load(real_bundles("smollm2-135m"), threads=2, max_context=1024,
+                                drafter=RandomDrafter(plain.entry.vocab_size, shape="random", seed=5), draft_budget=6)
+    for prompt in PROMPTS[:2]:
+        ids = _chat_ids(plain, prompt)
+        want = plain.generate(ids, max_new_tokens=32, ignore_eos=True).token_ids
+        got = spec.generate(ids, max_new_tokens=32, ignore_eos=True)
+        assert_exact_or_near_tie(plain.entry, ids, want, got.token_ids, "smollm2 garbage")
+        assert got.stats.drafted_tokens >= 6 * 20
