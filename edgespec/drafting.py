@@ -27,16 +27,21 @@ class DraftTree:
     `tokens[i]` is node i's token; `parents[i]` its parent node (-1: a child of the context's last token), always
     `< i`. A chain is a tree whose parents are -1, 0, 1, ... Siblings must be distinct and are tried in order.
     `probs`, when given, is `[N, V]`: row i is the draft distribution node i's token was drawn from (siblings share
-    it); it enables lossless rejection sampling. Deterministic drafters (n-grams) leave it None.
+    it); it enables lossless rejection sampling. Deterministic drafters (n-grams) leave it None. `scores`, when
+    given, is the drafter's estimate of the probability that each node's whole path is accepted (never above its
+    parent's); the engine uses it to cut the tree to the size that pays off on this device.
     """
 
     tokens: np.ndarray
     parents: np.ndarray
     probs: np.ndarray | None = None
+    scores: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.tokens = np.asarray(self.tokens, dtype=np.int64).reshape(-1)
         self.parents = np.asarray(self.parents, dtype=np.int64).reshape(-1)
+        if self.scores is not None:
+            self.scores = np.asarray(self.scores, dtype=np.float64).reshape(-1)
 
     @classmethod
     def empty(cls) -> "DraftTree":
@@ -86,23 +91,32 @@ class DraftTree:
                 raise ValueError(f"draft probs have shape {self.probs.shape}, expected {(n, vocab_size)}")
             if np.any(self.probs[np.arange(n), self.tokens] <= 0):
                 raise ValueError("a drafted token has zero draft probability")
+        if self.scores is not None and self.scores.shape != (n,):
+            raise ValueError(f"draft scores have shape {self.scores.shape}, expected {(n,)}")
 
     def prune(self, max_nodes: int, max_depth: int) -> "DraftTree":
         """The first `max_nodes` nodes no deeper than `max_depth` (a node is kept only with its parent)."""
         keep: list[int] = []
-        index = {}
+        kept = set()
         depth = self.depths()
         for i in range(len(self)):
             parent = int(self.parents[i])
-            if len(keep) >= max_nodes or depth[i] > max_depth or (parent >= 0 and parent not in index):
+            if len(keep) >= max_nodes or depth[i] > max_depth or (parent >= 0 and parent not in kept):
                 continue
-            index[i] = len(keep)
+            kept.add(i)
             keep.append(i)
+        return self.subtree(keep)
+
+    def subtree(self, keep) -> "DraftTree":
+        """The nodes `keep` (ascending; each one's parent must be kept too), renumbered."""
+        keep = [int(i) for i in keep]
         if len(keep) == len(self):
             return self
+        index = {old: new for new, old in enumerate(keep)}
         parents = [index[int(self.parents[i])] if self.parents[i] >= 0 else -1 for i in keep]
-        probs = self.probs[keep] if self.probs is not None else None
-        return DraftTree(self.tokens[keep], np.asarray(parents, dtype=np.int64), probs)
+        return DraftTree(self.tokens[keep], np.asarray(parents, dtype=np.int64),
+                         self.probs[keep] if self.probs is not None else None,
+                         self.scores[keep] if self.scores is not None else None)
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .budget import Calibration, VerifyCost, choose_nodes
 from .chat import render_chat
 from .drafting import DraftTree, Drafter, VerifiedStep
 from .runtimes.manifest import BundleError, Manifest, ModelEntry, load_manifest
@@ -104,6 +105,8 @@ class Engine:
         if not isinstance(draft_budget, int) or isinstance(draft_budget, bool) or draft_budget < 0:
             raise ValueError(f"draft_budget must be an int >= 0, got {draft_budget!r}")
         self.draft_budget = draft_budget
+        self.verify_cost = VerifyCost()  # forward time per number of scored tokens, measured as we go
+        self.calibration = Calibration()  # how the drafter's acceptance estimates compare with what happens
         self.drafter: Drafter | None = make_drafter(drafter, self, ngram_cache=ngram_cache, ngram_static=ngram_static)
 
     # ---- public API -------------------------------------------------------------------------------------------
@@ -272,7 +275,13 @@ class Engine:
         if not isinstance(tree, DraftTree):
             raise TypeError(f"drafter {self.drafter.name!r} returned {type(tree).__name__}, not a DraftTree")
         tree.validate(self.entry.vocab_size)
-        return tree.prune(max_nodes, max_depth) if len(tree) else tree
+        if not len(tree):
+            return tree
+        tree = tree.prune(max_nodes, max_depth)
+        if tree.scores is not None:  # keep only as many nodes as pay off at this device's verification cost
+            adjusted = self.calibration.adjust(tree.scores, tree.parents)
+            tree = tree.subtree(choose_nodes(adjusted, tree.parents, self.verify_cost.cost))
+        return tree
 
     def _speculate_step(self, context: list[int], config: GenerationConfig, rng, stats: GenerationStats,
                         remaining: int) -> tuple[list[int], int]:
@@ -289,10 +298,14 @@ class Engine:
         fed_parents = np.concatenate([[-1], np.where(tree.parents < 0, 0, tree.parents + 1)]).astype(np.int64)
         t = time.perf_counter()
         logits = self.runner.forward(fed_tokens, fed_parents)
-        stats.verify_seconds += time.perf_counter() - t
+        seconds = time.perf_counter() - t
+        stats.verify_seconds += seconds
+        self.verify_cost.observe(len(fed_tokens), seconds)
         accepted_nodes, bonus = verify_tree(tree, logits, config, rng)
         self.runner.commit([0] + [node + 1 for node in accepted_nodes])
         accepted = [int(tree.tokens[node]) for node in accepted_nodes]
+        if tree.scores is not None and len(tree):
+            self.calibration.update(tree.scores, tree.parents, accepted_nodes)
         self._cached_ids.append(pending)
         self._cached_ids.extend(accepted)
         stats.drafted_tokens += len(tree)

@@ -401,8 +401,9 @@ def longest_match(table: NGramTable, tail: tuple[int, ...], limits: TierThreshol
 
 
 def grow_tree(root_tail: tuple[int, ...], budget: int, children_of, min_node_prob: float, max_depth: int,
-              max_n: int, source_caps: dict[str, int] | None = None) -> tuple[list[int], list[int], list[str]]:
-    """Best-first draft tree: (tokens, parents, sources).
+              max_n: int, source_caps: dict[str, int] | None = None
+              ) -> tuple[list[int], list[int], list[str], list[float]]:
+    """Best-first draft tree: (tokens, parents, sources, estimates).
 
     `children_of(tail)` gives [(token, estimate, source)] for the node whose last tokens are `tail`; a node's
     estimated acceptance is its parent's times its own estimate. The most likely frontier node is added next, until
@@ -411,8 +412,9 @@ def grow_tree(root_tail: tuple[int, ...], budget: int, children_of, min_node_pro
     tokens: list[int] = []
     parents: list[int] = []
     sources: list[str] = []
+    estimates: list[float] = []
     if budget <= 0 or max_depth <= 0:
-        return tokens, parents, sources
+        return tokens, parents, sources, estimates
     caps = dict(source_caps or {})
     frontier: list = []
     order = itertools.count()
@@ -434,9 +436,10 @@ def grow_tree(root_tail: tuple[int, ...], budget: int, children_of, min_node_pro
         tokens.append(token)
         parents.append(parent)
         sources.append(source)
+        estimates.append(-neg_prob)
         if parent_depth + 1 < max_depth and len(tokens) < budget:
             push_children(node, -neg_prob, (parent_tail + (token,))[-max_n:], parent_depth + 1)
-    return tokens, parents, sources
+    return tokens, parents, sources, estimates
 
 
 def common_prefix_length(a: list[int], b: list[int]) -> int:
@@ -743,7 +746,7 @@ class NGramDrafter(Drafter):
     def __init__(self, vocab_size: int, fingerprint: str = "", max_n: int = DEFAULT_MAX_N,
                  persistent_path: str | os.PathLike | None = None, static_path: str | os.PathLike | None = None,
                  thresholds: Thresholds = Thresholds(), recycling: bool = True, recycling_budget: int = 2,
-                 recycling_k: int = 8, min_node_prob: float = 0.15, max_depth: int = 8,
+                 recycling_k: int = 8, min_node_prob: float = 0.05, max_depth: int = 16,
                  persistent_cap: int = DEFAULT_PERSISTENT_CAP):
         if vocab_size < 1:
             raise ValueError(f"vocab_size must be >= 1, got {vocab_size}")
@@ -866,8 +869,9 @@ class NGramDrafter(Drafter):
         tiers = self._tiers()
         caps = {"recycled": self.recycling_budget if self.recycling else 0}
         root_tail = tuple(self._ingested[-self.max_n:])
-        tokens, parents, sources = grow_tree(root_tail, budget, lambda tail: self._children(tiers, tail),
-                                             self.min_node_prob, self.max_depth, self.max_n, caps)
+        tokens, parents, sources, estimates = grow_tree(
+            root_tail, budget, lambda tail: self._children(tiers, tail), self.min_node_prob, self.max_depth,
+            self.max_n, caps)
         self.last_sources = sources
         self._last_tokens = tokens
         if not tokens:
@@ -876,7 +880,8 @@ class NGramDrafter(Drafter):
         drafted = self.counters["drafted"]
         for source in sources:
             drafted[source] += 1
-        return DraftTree(np.array(tokens, np.int64), np.array(parents, np.int64))
+        return DraftTree(np.array(tokens, np.int64), np.array(parents, np.int64),
+                         scores=np.array(estimates, np.float64))
 
     def observe(self, step: VerifiedStep) -> None:
         """Count the accepted nodes per tier; remember the target's top-k after each token on the accepted path

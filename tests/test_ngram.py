@@ -120,24 +120,24 @@ def constant_children(pairs):
 
 
 def test_grow_tree_is_best_first():
-    tokens, parents, _ = grow_tree((0,), 4, constant_children([(1, 0.6), (2, 0.5)]), 0.0, 10, 4)
+    tokens, parents, _, _ = grow_tree((0,), 4, constant_children([(1, 0.6), (2, 0.5)]), 0.0, 10, 4)
     # 1 (.6), 2 (.5), then 1->1 (.36), then 1->2 (.30, pushed before 2->1 at .30)
     assert tokens == [1, 2, 1, 2] and parents == [-1, -1, 0, 0]
-    tokens, parents, _ = grow_tree((0,), 4, constant_children([(1, 0.9), (2, 0.5)]), 0.0, 10, 4)
+    tokens, parents, _, _ = grow_tree((0,), 4, constant_children([(1, 0.9), (2, 0.5)]), 0.0, 10, 4)
     assert tokens == [1, 1, 1, 1] and parents == [-1, 0, 1, 2]  # .9, .81, .73, .66 all beat .5
 
 
 def test_grow_tree_stops_below_min_node_prob_and_max_depth():
-    tokens, parents, _ = grow_tree((0,), 10, constant_children([(1, 0.6), (2, 0.5)]), 0.35, 10, 4)
+    tokens, parents, _, _ = grow_tree((0,), 10, constant_children([(1, 0.6), (2, 0.5)]), 0.35, 10, 4)
     assert tokens == [1, 2, 1]  # .36 is the last estimate >= .35
-    tokens, parents, _ = grow_tree((0,), 10, constant_children([(1, 1.0)]), 0.0, 3, 4)
+    tokens, parents, _, _ = grow_tree((0,), 10, constant_children([(1, 1.0)]), 0.0, 3, 4)
     assert DraftTree(tokens, parents).depths().max() == 3 and len(tokens) == 3
     assert grow_tree((0,), 0, constant_children([(1, 1.0)]), 0.0, 3, 4)[0] == []
 
 
 def test_grow_tree_caps_nodes_per_source():
     children = lambda tail: [(1, 0.9, "recycled"), (2, 0.8, "recycled")]
-    tokens, _, sources = grow_tree((0,), 10, children, 0.0, 10, 4, {"recycled": 2})
+    tokens, _, sources, _ = grow_tree((0,), 10, children, 0.0, 10, 4, {"recycled": 2})
     assert len(tokens) == 2 and sources == ["recycled", "recycled"]
 
 
@@ -208,14 +208,14 @@ def test_the_most_likely_tier_wins_and_ties_go_to_the_earlier_tier():
 
 # ------------------------------------------------------------------------------------------------ recycling
 def test_recycling_drafts_the_observed_top_k_when_nothing_matches():
-    drafter = NGramDrafter(VOCAB)
+    drafter = NGramDrafter(VOCAB, min_node_prob=0.15)
     drafter.observe(step_after(42, [7, 8, 9]))
     assert drafter.recycled[42][:3] == [7, 8, 9]
     tree = drafter.propose([1, 2, 42], 16)
     assert tree.tokens.tolist() == [7] and drafter.last_sources == ["recycled"]  # .30 >= .15, rank 2 (.12) is not
     drafter.observe(step_after(42, [5, 6]))  # the latest observation replaces
     assert drafter.propose([1, 2, 42], 16).tokens.tolist() == [5]
-    assert len(NGramDrafter(VOCAB, recycling=False).propose([1, 2, 42], 16)) == 0
+    assert len(NGramDrafter(VOCAB, recycling=False, min_node_prob=0.15).propose([1, 2, 42], 16)) == 0
 
 
 def test_recycling_budget_and_weights_are_configurable():
