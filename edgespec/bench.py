@@ -211,7 +211,21 @@ def summarize(rows: list[dict]) -> dict:
         # Spec-Bench's metric over all steps: new tokens / target forward passes
         "mean_accepted_tokens": (sum(r["new_tokens"] for r in spec) / sum(r["steps"] for r in spec)) if spec else None,
         "agreement": _mean(r.get("agreement") for r in rows),
+        **speculation_summary(rows),
     }
+
+
+def speculation_summary(rows: list[dict]) -> dict:
+    """Drafted and accepted tokens, the acceptance rate and where decoding time went (drafting, verifying,
+    bookkeeping), summed over the rows of one system."""
+    def total(key):
+        return sum(float((r.get("stats") or {}).get(key) or 0.0) for r in rows)
+
+    drafted, accepted = total("drafted_tokens"), total("accepted_tokens")
+    return {"drafted_tokens": int(drafted), "accepted_tokens": int(accepted),
+            "acceptance_rate": accepted / drafted if drafted else None,
+            "draft_seconds": total("draft_seconds"), "verify_seconds": total("verify_seconds"),
+            "bookkeeping_seconds": total("bookkeeping_seconds")}
 
 
 def add_ratios(by_system: dict[str, dict], kinds: dict[str, str], baseline: str = BASELINE) -> None:
@@ -330,7 +344,8 @@ def systems_table(result: dict, notes: bool = True) -> tuple[list[str], list[lis
     `notes` False leaves the reasons of skipped/failed systems out of the status cells (see `system_notes`).
     """
     header = ["system", "kind", "prompts", "tok/s (sum)", "tok/s (median)", "decode tok/s", "TTFT ms", "τ",
-              f"same tokens as {result['summary']['baseline']}", "peak RSS MB", "load s", "status"]
+              "accepted/drafted", "draft/verify/other s", f"same tokens as {result['summary']['baseline']}",
+              "peak RSS MB", "load s", "status"]
     rows = []
     overall = result["summary"]["overall"]
     for name, info in result["systems"].items():
@@ -338,6 +353,10 @@ def systems_table(result: dict, notes: bool = True) -> tuple[list[str], list[lis
         rows.append([name, info.get("kind", ""), str(s.get("prompts", 0)), _fmt(s.get("tokens_per_second_agg"), "tps"),
                      _fmt(s.get("tokens_per_second"), "tps"), _fmt(s.get("decode_tokens_per_second"), "tps"),
                      _fmt(s.get("time_to_first_token"), "ms"), _fmt(s.get("mean_accepted_tokens"), "tau"),
+                     (f"{s['accepted_tokens']}/{s['drafted_tokens']} ({_fmt(s.get('acceptance_rate'), 'pct')})"
+                      if s.get("drafted_tokens") else "–"),
+                     (f"{s['draft_seconds']:.1f}/{s['verify_seconds']:.1f}/{s['bookkeeping_seconds']:.1f}"
+                      if s.get("drafted_tokens") else "–"),
                      _fmt(s.get("agreement"), "pct"),
                      f"{info['peak_rss_mb']:.0f}" if info.get("peak_rss_mb") else "–",
                      f"{info['load_seconds']:.1f}" if info.get("load_seconds") is not None else "–",

@@ -252,12 +252,12 @@ class Engine:
                 context.append(token)
                 t = time.perf_counter()
                 accepted, token = self._speculate_step(context, config, rng, stats, budget - produced)
+                stats.decode_seconds += time.perf_counter() - t
                 stats.steps += 1
                 for accepted_token in accepted:
                     yield accepted_token
                     produced += 1
                     context.append(accepted_token)
-                stats.decode_seconds += time.perf_counter() - t
         finally:
             t = time.perf_counter()
             drafter.finish(context)

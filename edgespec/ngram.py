@@ -442,6 +442,14 @@ def grow_tree(root_tail: tuple[int, ...], budget: int, children_of, min_node_pro
     return tokens, parents, sources, estimates
 
 
+def tree_paths(tokens: list[int], parents: list[int]) -> list[tuple[int, ...]]:
+    """Each node's token path from the root (parents precede children)."""
+    paths: list[tuple[int, ...]] = []
+    for token, parent in zip(tokens, parents):
+        paths.append((paths[parent] if parent >= 0 else ()) + (int(token),))
+    return paths
+
+
 def common_prefix_length(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     limit = min(len(a), len(b))
@@ -720,6 +728,11 @@ def register_cli(subparsers) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- the drafter
+TIER_DECAY = 0.97  # per verification: the calibration follows the last few dozen steps
+TIER_PRIOR = 2.0  # pseudo-counts: a factor of 1 until the evidence outweighs them
+TIER_FACTOR_MIN, TIER_FACTOR_MAX = 0.1, 3.0
+
+
 def fresh_counters() -> dict:
     """Tuning counters: proposals, empty proposals, and per tier the nodes drafted and accepted."""
     return {"proposals": 0, "empty": 0, "drafted": dict.fromkeys(TIERS, 0), "accepted": dict.fromkeys(TIERS, 0)}
@@ -786,8 +799,12 @@ class NGramDrafter(Drafter):
 
         self.recycled: dict[int, list[int]] = {}  # token -> the target's ranked next tokens, latest observation
         self.last_sources: list[str] = []
-        self._last_tokens: list[int] = []
+        self._last_paths: dict[tuple[int, ...], tuple[str, float]] = {}  # last proposal: path -> (tier, estimate)
         self.counters = fresh_counters()
+        # online calibration per tier: decaying sums of accepted nodes and of their estimates, over the nodes the
+        # target reached (children of the root or of an accepted node)
+        self.tier_accepted: dict[str, float] = dict.fromkeys(TIERS, 0.0)
+        self.tier_estimated: dict[str, float] = dict.fromkeys(TIERS, 0.0)
 
     # -- tiers ---------------------------------------------------------------------------------------------------
     def _load_persistent(self) -> None:
@@ -815,22 +832,31 @@ class NGramDrafter(Drafter):
                  ("static", self.static_table, limits.static))
         return [tier for tier in tiers if tier[1] is not None and tier[1].entries]
 
+    def tier_factor(self, tier: str) -> float:
+        """How the tier's estimates compare with what the target accepted so far (1 before any evidence)."""
+        return min(TIER_FACTOR_MAX, max(TIER_FACTOR_MIN, (self.tier_accepted[tier] + TIER_PRIOR)
+                                        / (self.tier_estimated[tier] + TIER_PRIOR)))
+
     def _children(self, tiers, tail: tuple[int, ...]) -> list[tuple[int, float, str]]:
         """Children candidates of a node whose last tokens are `tail`: the continuations of the tier whose best
-        continuation is the most likely (ties: the earlier tier); else recycled tokens."""
+        continuation is the most likely (ties: the earlier tier); else recycled tokens. Estimates are the tier's
+        weight x share, corrected by the tier's measured acceptance (`tier_factor`), at most 1."""
         best_source, best = None, []
         for name, table, limits in tiers:
-            if best and best[0][1] >= limits.max_weight:
+            factor = self.tier_factor(name)
+            if best and best[0][1] >= limits.max_weight * factor:
                 continue  # this tier cannot beat what we have
             found = longest_match(table, tail, limits, self.vocab_size)
-            if found and (not best or found[0][1] > best[0][1]):
-                best_source, best = name, found
+            if found and (not best or found[0][1] * factor > best[0][1]):
+                best_source, best = name, [(token, min(1.0, estimate * factor)) for token, estimate in found]
         if best:
             return [(token, estimate, best_source) for token, estimate in best]
         if self.recycling and tail:
             ranked = self.recycled.get(tail[-1])
             if ranked:
-                return [(token, weight, "recycled") for token, weight in zip(ranked, self.thresholds.recycle_weights)]
+                factor = self.tier_factor("recycled")
+                return [(token, min(1.0, weight * factor), "recycled")
+                        for token, weight in zip(ranked, self.thresholds.recycle_weights)]
         return []
 
     def _ingest(self, context) -> None:
@@ -873,7 +899,10 @@ class NGramDrafter(Drafter):
             root_tail, budget, lambda tail: self._children(tiers, tail), self.min_node_prob, self.max_depth,
             self.max_n, caps)
         self.last_sources = sources
-        self._last_tokens = tokens
+        # each node's own estimate before the tier's correction: what the calibration compares with outcomes
+        raw = [est / (estimates[p] if p >= 0 else 1.0) / self.tier_factor(src)
+               for est, p, src in zip(estimates, parents, sources)]
+        self._last_paths = dict(zip(tree_paths(tokens, parents), zip(sources, raw)))
         if not tokens:
             self.counters["empty"] += 1
             return DraftTree.empty()
@@ -887,10 +916,22 @@ class NGramDrafter(Drafter):
         """Count the accepted nodes per tier; remember the target's top-k after each token on the accepted path
         (the pending token and the accepted nodes: their predictions were made in the real context)."""
         fed = step.fed_tokens.tolist()
-        if fed[1:] == self._last_tokens:  # the engine verified our tree as proposed
-            accepted = self.counters["accepted"]
-            for node in step.accepted_nodes:
-                accepted[self.last_sources[node]] += 1
+        if len(fed) > 1:  # the engine may have verified a cut of our tree: match nodes by their token path
+            parents = [p - 1 if p > 0 else -1 for p in step.fed_parents.tolist()[1:]]
+            verified = tree_paths(fed[1:], parents)
+            accepted_nodes = set(step.accepted_nodes)
+            for tier in TIERS:
+                self.tier_accepted[tier] *= TIER_DECAY
+                self.tier_estimated[tier] *= TIER_DECAY
+            for node, parent in enumerate(parents):
+                known = self._last_paths.get(verified[node])
+                if known is None or not (parent < 0 or parent in accepted_nodes):
+                    continue  # not ours, or never reached: says nothing about its estimate
+                source, estimate = known
+                self.tier_estimated[source] += estimate
+                if node in accepted_nodes:
+                    self.tier_accepted[source] += 1.0
+                    self.counters["accepted"][source] += 1
         if not self.recycling or self.recycling_k <= 0:
             return
         path = [0] + [node + 1 for node in step.accepted_nodes]

@@ -593,3 +593,35 @@ def test_proposed_tokens_are_always_inside_the_vocabulary(tokens, vocab):
     tree = drafter.propose(tokens, 16)
     assert all(0 <= t < vocab for t in tree.tokens.tolist())
     tree.validate(vocab)
+
+
+def _verified(tree: DraftTree, accepted_nodes: list[int], vocab: int = VOCAB) -> VerifiedStep:
+    """The engine's report of verifying `tree` (as proposed) with `accepted_nodes` accepted."""
+    fed = np.concatenate([[0], tree.tokens])
+    parents = np.concatenate([[-1], np.where(tree.parents < 0, 0, tree.parents + 1)])
+    accepted = [int(tree.tokens[n]) for n in accepted_nodes] + [0]
+    return VerifiedStep(fed, parents, np.zeros((len(fed), vocab), np.float32), accepted_nodes, accepted, 1)
+
+
+def test_tier_estimates_learn_from_acceptance():
+    """A tier whose drafts are always rejected gets lower estimates (smaller trees); one whose drafts are always
+    accepted gets higher ones (capped at 1); only nodes the target reached count."""
+    context = [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 1, 2]
+    doubter = NGramDrafter(VOCAB, recycling=False, min_node_prob=0.01)
+    first = doubter.propose(context, 4)
+    assert len(first) == 4 and doubter.last_sources == ["context"] * 4
+    for _ in range(30):
+        tree = doubter.propose(context, 4)
+        doubter.observe(_verified(tree, []))  # the first node is rejected: its children were never reached
+    assert doubter.tier_factor("context") < 0.5
+    assert doubter.tier_estimated["context"] > 0 and doubter.tier_accepted["context"] == 0
+    assert doubter.propose(context, 4).scores[0] < first.scores[0] * 0.5
+
+    believer = NGramDrafter(VOCAB, recycling=False, min_node_prob=0.01)
+    for _ in range(30):
+        tree = believer.propose(context, 4)
+        believer.observe(_verified(tree, list(range(len(tree)))))
+    assert believer.tier_factor("context") > 1.2
+    again = believer.propose(context, 4)
+    assert again.scores[0] > first.scores[0] and np.all(again.scores <= 1.0)
+    assert believer.counters["accepted"]["context"] >= 30
