@@ -141,7 +141,12 @@ def ngram_mode(engine, prompt: str, gen_config: dict):
     cache when the job names one)."""
     if getattr(engine.drafter, "name", None) != "ngram":
         engine.set_drafter("ngram", ngram_cache=False, ngram_static=getattr(engine, "bench_ngram_static", None))
-    return _run(engine, prompt, gen_config)
+    counters = engine.drafter.counters
+    before = {tier: (counters["drafted"][tier], counters["accepted"][tier]) for tier in counters["drafted"]}
+    token_ids, stats = _run(engine, prompt, gen_config)
+    stats["tiers"] = {tier: [counters["drafted"][tier] - d, counters["accepted"][tier] - a]
+                      for tier, (d, a) in before.items()}  # nodes proposed and accepted per tier
+    return token_ids, stats
 
 
 def bench_gen_config(max_new_tokens: int) -> dict:
