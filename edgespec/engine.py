@@ -108,6 +108,7 @@ class Engine:
         self.verify_cost = VerifyCost()  # forward time per number of scored tokens, measured as we go
         self.calibration = Calibration()  # how the drafter's acceptance estimates compare with what happens
         self.drafter: Drafter | None = make_drafter(drafter, self, ngram_cache=ngram_cache, ngram_static=ngram_static)
+        self._warn_if_inexact_verification()
 
     # ---- public API -------------------------------------------------------------------------------------------
     @property
@@ -175,6 +176,16 @@ class Engine:
     def set_drafter(self, drafter: "str | Drafter | None", **options) -> None:
         """Switch drafting: None or "none" (plain decoding), "ngram", or any Drafter instance."""
         self.drafter = make_drafter(drafter, self, **options)
+        self._warn_if_inexact_verification()
+
+    def _warn_if_inexact_verification(self) -> None:
+        """Bundles exported with int8 activations (`--accuracy-level` > 0) round a T-token forward differently from
+        T single steps by far more than a near-tie, so speculative output may differ from their own plain output."""
+        level = int((self.entry.quantization or {}).get("accuracy_level") or 0)
+        if self.drafter is not None and level > 0:
+            warnings.warn(f"model {self.entry.name!r} was exported with accuracy level {level} (int8 activations): "
+                          "speculative output can differ from this bundle's plain output; export with "
+                          "--accuracy-level 0 for exact speculation", UserWarning, stacklevel=3)
 
     # ---- phases -----------------------------------------------------------------------------------------------
     def _config(self, overrides: dict) -> GenerationConfig:

@@ -35,35 +35,32 @@ def _child_with_token(tree: DraftTree, kids: list[int], token: int) -> int | Non
     return None
 
 
-def verify_greedy(tree: DraftTree, logits: np.ndarray) -> tuple[list[int], int]:
-    """Longest root path whose tokens equal the target's argmax at each step, and the argmax after it."""
+def follow_matches(tree: DraftTree, logits: np.ndarray, pick) -> tuple[list[int], int]:
+    """Walk down the tree: at each node `pick(logits row)` chooses the target's token; follow the child with that
+    token, or stop and return it as the bonus."""
     children = tree.children()
     accepted: list[int] = []
     node = -1
     while True:
-        target = int(np.argmax(logits[node + 1]))
-        child = _child_with_token(tree, children[node + 1], target)
+        token = pick(logits[node + 1])
+        child = _child_with_token(tree, children[node + 1], token)
         if child is None:
-            return accepted, target
+            return accepted, token
         accepted.append(child)
         node = child
+
+
+def verify_greedy(tree: DraftTree, logits: np.ndarray) -> tuple[list[int], int]:
+    """Longest root path whose tokens equal the target's argmax at each step, and the argmax after it."""
+    return follow_matches(tree, logits, lambda row: int(np.argmax(row)))
 
 
 def verify_sampled(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
                    rng: np.random.Generator) -> tuple[list[int], int]:
     """Deterministic drafts: draw the target's token at each node (temperature/top-k/top-p applied) and follow the
     matching child; the first draw that matches no child is the bonus."""
-    children = tree.children()
-    accepted: list[int] = []
-    node = -1
-    while True:
-        p = process_logits(logits[node + 1], config.temperature, config.top_k, config.top_p)
-        token = sample(p, rng)
-        child = _child_with_token(tree, children[node + 1], token)
-        if child is None:
-            return accepted, token
-        accepted.append(child)
-        node = child
+    return follow_matches(tree, logits, lambda row: sample(
+        process_logits(row, config.temperature, config.top_k, config.top_p), rng))
 
 
 def verify_rejection(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,

@@ -410,3 +410,25 @@ def test_first_difference_helper():
     tree = random_tree(np.random.default_rng(0), 9, 50, "binary")
     tree.validate(50)
     assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_int8_activation_bundles_warn_that_speculation_is_not_exact(tiny_bundles, tmp_path):
+    """Accuracy level 4 rounds activations per forward: the engine says speculation may change its output."""
+    import json
+    import shutil
+    import warnings
+
+    copy = tmp_path / "level4"
+    shutil.copytree(tiny_bundles["qwen2"], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    for model in manifest["models"].values():
+        model["quantization"]["accuracy_level"] = 4
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.warns(UserWarning, match="accuracy level 4"):
+        engine = load(copy, drafter=RandomDrafter(16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(copy, drafter=None)  # plain decoding: nothing to warn about
+        load(tiny_bundles["qwen2"], drafter=RandomDrafter(16))  # exact bundle: no warning
+    with pytest.warns(UserWarning, match="accuracy level 4"):
+        engine.set_drafter(RandomDrafter(16))
