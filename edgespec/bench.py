@@ -271,12 +271,9 @@ def summarize_rows(rows: list[dict], baseline: str = BASELINE) -> dict:
 
 def common_prefix(a: list[int], b: list[int]) -> int:
     """Length of the common prefix of two token lists."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+    from .text import common_prefix_length
+
+    return common_prefix_length(a, b)
 
 
 def add_agreement(rows: list[dict], baseline: str = BASELINE) -> None:

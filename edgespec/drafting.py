@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .runtimes.kvcache import tree_depths
 from .sampling import GenerationConfig
 
 
@@ -59,10 +60,7 @@ class DraftTree:
 
     def depths(self) -> np.ndarray:
         """Depth of each node, 1 for the children of the context."""
-        depth = np.zeros(len(self), dtype=np.int64)
-        for i, parent in enumerate(self.parents):
-            depth[i] = 1 if parent < 0 else depth[parent] + 1
-        return depth
+        return tree_depths(self.parents) + 1
 
     def children(self) -> list[list[int]]:
         """children[0] lists the context's children, children[i + 1] node i's (in order)."""

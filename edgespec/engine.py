@@ -24,7 +24,7 @@ from .drafting import DraftTree, Drafter, VerifiedStep
 from .runtimes.manifest import BundleError, Manifest, ModelEntry, load_manifest
 from .runtimes.runner import ContextOverflow, ModelRunner, default_threads
 from .sampling import GenerationConfig, greedy, process_logits, sample
-from .text import StopMatcher, StreamDecoder, Tokenizer
+from .text import StopMatcher, StreamDecoder, Tokenizer, common_prefix_length
 from .verify import verify_tree
 
 
@@ -205,11 +205,7 @@ class Engine:
 
     def _prefill(self, ids: list[int], stats: GenerationStats) -> np.ndarray:
         """Feed the prompt, reusing the longest cached prefix; returns the logits after the last prompt token."""
-        common = 0
-        for a, b in zip(self._cached_ids, ids[:-1]):  # always re-run at least the last prompt token
-            if a != b:
-                break
-            common += 1
+        common = common_prefix_length(self._cached_ids, ids[:-1])  # always re-run at least the last prompt token
         self.runner.rewind(common)
         self._cached_ids = self._cached_ids[:common]
         stats.reused_prompt_tokens = common

@@ -43,6 +43,7 @@ import numpy as np
 
 from .drafting import Drafter, DraftTree, VerifiedStep, fast_top_k
 from .sampling import GenerationConfig
+from .text import common_prefix_length
 
 __all__ = [
     "NGramDrafter", "Thresholds", "TierThresholds", "NGramTable", "NGramCacheWarning", "StaticBuildReport",
@@ -448,21 +449,6 @@ def tree_paths(tokens: list[int], parents: list[int]) -> list[tuple[int, ...]]:
     for token, parent in zip(tokens, parents):
         paths.append((paths[parent] if parent >= 0 else ()) + (int(token),))
     return paths
-
-
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    limit = min(len(a), len(b))
-    if a[:limit] == b[:limit]:
-        return limit
-    lo, hi = 0, limit  # a[:lo] == b[:lo], a[:hi] != b[:hi]
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid
-    return lo
 
 
 # ---------------------------------------------------------------------------------------------------- cache files

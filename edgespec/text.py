@@ -17,7 +17,7 @@ from collections.abc import Iterable
 
 import tokenizers
 
-__all__ = ["Tokenizer", "StreamDecoder", "StopMatcher"]
+__all__ = ["Tokenizer", "StreamDecoder", "StopMatcher", "common_prefix_length"]
 
 _REPLACEMENT_CHAR = "\ufffd"
 
@@ -266,3 +266,18 @@ class StopMatcher:
         if out:
             self._emitted.append(out)
         return out
+
+
+def common_prefix_length(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
+    limit = min(len(a), len(b))
+    if a[:limit] == b[:limit]:
+        return limit
+    lo, hi = 0, limit  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
