@@ -79,6 +79,14 @@ class KVCache:
         self.length += n
         self.staged = 0
 
+    def select(self, start: int, keep) -> None:
+        """Keep only the cached tokens at `start + keep` after the first `start` (ascending indices), moving them
+        down to follow the prefix: how a drafter keeps the accepted path out of the draft nodes it cached."""
+        if not 0 <= start <= self.length:
+            raise ValueError(f"cannot select after {start}: cache holds {self.length}")
+        self.staged, self.length = self.length - start + self.staged, start
+        self.commit(keep)
+
     def rewind(self, length: int) -> None:
         """Forget everything after the first `length` tokens."""
         if not 0 <= length <= self.length:
@@ -123,18 +131,31 @@ def attention_bias(
     positions: np.ndarray,
     window: int | None = None,
     mask_value: float = -1e30,
+    past_visible: np.ndarray | None = None,
+    past_positions: np.ndarray | None = None,
 ) -> np.ndarray:
     """Additive bias [1, 1, T, capacity + T]: past slots < past_length visible, the rest hidden; the new block follows
-    `visible` (tree mask); with `window`, a key is visible only if query_position - key_position < window."""
+    `visible` (tree mask); with `window`, a key is visible only if query_position - key_position < window.
+
+    `past_visible` ([T, k] bool) replaces full visibility for the last k past slots (draft nodes cached by earlier
+    forwards: each new token sees only its own ancestors among them); `past_positions` gives the positions of those
+    k slots (default: their slot index)."""
     t = len(positions)
     bias = np.full((1, 1, t, capacity + t), mask_value, dtype=np.float32)
-    if window is None:
-        bias[0, 0, :, :past_length] = 0.0
-        bias[0, 0, :, capacity:][visible] = 0.0
-        return bias
+    past_mask = np.ones((t, past_length), dtype=bool)
     past_pos = np.arange(past_length)
-    near = (positions[:, None] - past_pos[None, :]) < window
-    bias[0, 0, :, :past_length][near] = 0.0
-    new_near = visible & ((positions[:, None] - positions[None, :]) < window)
-    bias[0, 0, :, capacity:][new_near] = 0.0
+    if past_visible is not None:
+        k = past_visible.shape[1]
+        if k > past_length or past_visible.shape[0] != t:
+            raise ValueError(f"past_visible has shape {past_visible.shape} for {t} tokens and {past_length} cached")
+        past_mask[:, past_length - k:] = past_visible
+        if past_positions is not None:
+            past_pos = past_pos.copy()
+            past_pos[past_length - k:] = past_positions
+    new_mask = visible
+    if window is not None:
+        past_mask = past_mask & ((positions[:, None] - past_pos[None, :]) < window)
+        new_mask = visible & ((positions[:, None] - positions[None, :]) < window)
+    bias[0, 0, :, :past_length][past_mask] = 0.0
+    bias[0, 0, :, capacity:][new_mask] = 0.0
     return bias

@@ -60,6 +60,7 @@ class ModelRunner:
         self.max_context = min(max_context or entry.context_length, entry.context_length)
         self._check_graph()
         self.cache = KVCache(entry.num_layers, entry.num_kv_heads, entry.head_dim, self.max_context)
+        self._slot_positions = np.arange(self.max_context, dtype=np.int64)  # position of the token in each cache slot
         self._windowed = entry.has_sliding_layers
         self._output_names = ["logits"] + [
             f"new_{kind}_{i}" for i in range(entry.num_layers) for kind in ("key", "value")]
@@ -86,11 +87,13 @@ class ModelRunner:
         """Committed tokens in the cache."""
         return self.cache.length
 
-    def forward(self, tokens, parents=None, logit_positions=None) -> np.ndarray:
+    def forward(self, tokens, parents=None, logit_positions=None, past_visible=None, positions=None) -> np.ndarray:
         """Score `tokens` (a tree given by `parents`, -1 = child of the committed context; None = a chain).
 
         Returns logits [K, vocab] for `logit_positions` (default: every node). The new K/V are staged; call
-        `commit(keep)` to keep a subset.
+        `commit(keep)` to keep a subset. Drafters that grow a tree over several forwards cache the nodes of earlier
+        forwards and pass `past_visible` ([T, k] bool: which of the last k cached nodes each new token descends
+        from) and `positions` (each new token's position); see `attention_bias`.
         """
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         t = len(tokens)
@@ -104,18 +107,27 @@ class ModelRunner:
             self.cache.reserve(t)
         except ValueError as exc:
             raise ContextOverflow(str(exc)) from None
-        positions = past + tree_depths(parents)
+        past_positions = None
+        if positions is None:
+            positions = past + tree_depths(parents)
+        else:
+            positions = np.asarray(positions, dtype=np.int64).reshape(-1)
+            if past_visible is not None:
+                past_positions = self._slot_positions[past - past_visible.shape[1]:past]
+        self._slot_positions[past:past + t] = positions
         if logit_positions is None:
             logit_positions = np.arange(t, dtype=np.int64)
         feeds = {
             "input_ids": tokens[None, :],
             "position_ids": positions[None, :],
-            "attention_bias": attention_bias(past, self.cache.capacity, visible, positions),
+            "attention_bias": attention_bias(past, self.cache.capacity, visible, positions,
+                                             past_visible=past_visible, past_positions=past_positions),
             "logit_positions": np.asarray(logit_positions, dtype=np.int64).reshape(-1),
         }
         if self._windowed:
             feeds["attention_bias_local"] = attention_bias(
-                past, self.cache.capacity, visible, positions, window=self.entry.sliding_window)
+                past, self.cache.capacity, visible, positions, window=self.entry.sliding_window,
+                past_visible=past_visible, past_positions=past_positions)
         for i in range(self.entry.num_layers):
             feeds[f"past_key_{i}"] = self.cache.keys[i]
             feeds[f"past_value_{i}"] = self.cache.values[i]
@@ -130,6 +142,12 @@ class ModelRunner:
     def commit(self, keep=None) -> None:
         """Keep staged tokens `keep` (ascending indices into the last forward; None = all)."""
         self.cache.commit(keep)
+
+    def select(self, start: int, keep) -> None:
+        """Keep only cached tokens `start + keep` after the first `start` (a drafter keeping the accepted path)."""
+        self.cache.select(start, keep)
+        n = len(keep) if keep is not None else 0
+        self._slot_positions[start:start + n] = np.arange(start, start + n)
 
     def rewind(self, length: int) -> None:
         """Drop cached tokens after `length`."""
