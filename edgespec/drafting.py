@@ -182,6 +182,11 @@ class Drafter:
         """A tree of at most `budget` nodes continuing `context`."""
         return DraftTree.empty()
 
+    def propose_continuation(self, context: list[int], path: list[int], budget: int) -> DraftTree:
+        """A tree continuing `context + path`, where `path` is speculative (not yet verified): what a drafter can
+        offer as the first stage of a staged drafter. Must not learn from `path`. Default: nothing."""
+        return DraftTree.empty()
+
     def observe(self, step: VerifiedStep) -> None:
         """Learn from one verification."""
 

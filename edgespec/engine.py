@@ -387,17 +387,38 @@ class Engine:
 
 
 def make_drafter(spec: "str | Drafter | None", engine: Engine, ngram_cache=None, ngram_static=None) -> Drafter | None:
-    """The drafter for `spec`: None/"none" (plain decoding), "ngram" (context, session, recycling, persistent and
-    static n-gram tiers) or a Drafter instance (used as is).
+    """The drafter for `spec`.
 
-    `ngram_cache`: None = the default persistent cache file for this bundle (under $EDGESPEC_NGRAM_DIR, default
-    ~/.cache/edgespec/ngram), False = no persistent cache, or a path. `ngram_static`: a cache built by
-    `edgespec ngram build`."""
+    * None / "none": plain decoding; a Drafter instance is used as is.
+    * "ngram": the n-gram caches (context, session, recycling, persistent and static tiers). `ngram_cache`: None =
+      the default persistent cache file for this bundle (under $EDGESPEC_NGRAM_DIR, default ~/.cache/edgespec/ngram),
+      False = none, or a path; `ngram_static`: a cache built by `edgespec ngram build`.
+    * "draft" or "draft:NAME": a drafter model of the bundle sharing the target's tokenizer.
+    * "self", "self:exit=E", "self:skip=3,5,7" or "self:layers=0-13": the target itself with a subset of its
+      layers (a bundle exported with --self-speculative); plain "self" picks the layer set online. Add
+      ",head=full" to draft through the full LM head instead of the reduced one.
+    * Stages joined by ">" compose (staged speculation): "ngram>draft" lets the n-gram caches draft for the
+      drafter model, which drafts the tree for the target.
+    """
     if spec is None or spec == "none":
         return None
     if isinstance(spec, Drafter):
         return spec
-    if spec == "ngram":
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"drafter must be a name or a Drafter, got {spec!r}")
+    stages = [part.strip() for part in spec.split(">")]
+    drafter = None
+    for part in stages:
+        drafter = _make_stage(part, engine, drafter, ngram_cache, ngram_static)
+    return drafter
+
+
+def _make_stage(part: str, engine: Engine, stage: Drafter | None, ngram_cache, ngram_static) -> Drafter:
+    """One stage of a drafter spec, drafting on top of `stage` (None for the first)."""
+    kind, _, options = part.partition(":")
+    if kind == "ngram":
+        if stage is not None:
+            raise ValueError(f"'ngram' can only be the first stage of {part!r}")
         from . import ngram
 
         fingerprint = ngram.tokenizer_fingerprint(engine.entry.tokenizer_path)
@@ -407,7 +428,47 @@ def make_drafter(spec: "str | Drafter | None", engine: Engine, ngram_cache=None,
             ngram_cache = ngram.default_cache_path(root, engine.entry.name, fingerprint)
         return ngram.NGramDrafter(engine.entry.vocab_size, fingerprint=fingerprint,
                                   persistent_path=ngram_cache or None, static_path=ngram_static)
-    raise ValueError(f"unknown drafter {spec!r}: use 'ngram', 'none' or a Drafter instance")
+    if kind == "draft":
+        from .model_drafter import ModelDrafter
+
+        entry = _drafter_entry(engine, options or None)
+        runner = ModelRunner(entry, threads=engine.threads, max_context=engine.context_length)
+        return ModelDrafter(runner, name=f"draft:{entry.name}", stage=stage, target_cost=engine.verify_cost.cost)
+    if kind == "self":
+        from .model_drafter import self_drafter
+
+        return self_drafter(engine, options, stage=stage)
+    raise ValueError(f"unknown drafter {part!r}: use 'ngram', 'draft[:NAME]', 'self[:...]', stages joined by '>', "
+                     "'none' or a Drafter instance")
+
+
+def _drafter_entry(engine: Engine, name: str | None) -> ModelEntry:
+    """The bundle's drafter model `name` (default: the first), checked to share the target's tokenizer."""
+    drafters = engine.manifest.drafters()
+    if name is not None:
+        if name not in engine.manifest.models or name == engine.entry.name:
+            raise BundleError(f"bundle has no drafter {name!r} (drafters: {[d.name for d in drafters] or 'none'})")
+        entry = engine.manifest.models[name]
+    elif drafters:
+        entry = drafters[0]
+    else:
+        raise BundleError(f"bundle {engine.manifest.root} has no drafter model: export one with "
+                          f"`edgespec export TARGET --drafter MODEL`")
+    if entry.vocab_size != engine.entry.vocab_size or not _same_vocabulary(entry, engine.entry):
+        raise BundleError(f"drafter {entry.name!r} does not share the tokenizer of {engine.entry.name!r} "
+                          f"(vocabulary {entry.vocab_size} vs {engine.entry.vocab_size}): a same-vocabulary drafter "
+                          "is needed")
+    return entry
+
+
+def _same_vocabulary(a: ModelEntry, b: ModelEntry) -> bool:
+    """True when two models' tokenizers map the same strings to the same ids."""
+    if a.tokenizer_path.read_bytes() == b.tokenizer_path.read_bytes():
+        return True
+    from tokenizers import Tokenizer as HFTokenizer
+
+    return (HFTokenizer.from_file(str(a.tokenizer_path)).get_vocab(with_added_tokens=True)
+            == HFTokenizer.from_file(str(b.tokenizer_path)).get_vocab(with_added_tokens=True))
 
 
 def load(bundle_dir, threads: int | None = None, max_context: int | None = None, model: str | None = None,

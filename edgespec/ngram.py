@@ -898,6 +898,18 @@ class NGramDrafter(Drafter):
         return DraftTree(np.array(tokens, np.int64), np.array(parents, np.int64),
                          scores=np.array(estimates, np.float64))
 
+    def propose_continuation(self, context: list[int], path: list[int], budget: int) -> DraftTree:
+        """A tree continuing `context + path` (`path` speculative: looked up, never counted into the tiers), for a
+        staged drafter that asks the caches what may follow its own draft."""
+        self._ingest(context)
+        tail = tuple((self._ingested[-self.max_n:] + list(path))[-self.max_n:])
+        tokens, parents, _, estimates = grow_tree(
+            tail, budget, lambda t: self._children(self._tiers(), t), self.min_node_prob, self.max_depth,
+            self.max_n, {"recycled": 0})
+        if not tokens:
+            return DraftTree.empty()
+        return DraftTree(np.array(tokens, np.int64), np.array(parents, np.int64), scores=np.array(estimates))
+
     def observe(self, step: VerifiedStep) -> None:
         """Count the accepted nodes per tier; remember the target's top-k after each token on the accepted path
         (the pending token and the accepted nodes: their predictions were made in the real context)."""
