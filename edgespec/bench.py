@@ -149,6 +149,38 @@ def ngram_mode(engine, prompt: str, gen_config: dict):
     return token_ids, stats
 
 
+def _model_drafter_mode(spec: str, doc: str) -> ModeFn:
+    """A mode that decodes with drafter `spec` (see `edgespec.engine.make_drafter`); skipped when the bundle lacks
+    what the spec needs (a drafter model, a self-speculative export)."""
+    def mode(engine, prompt: str, gen_config: dict):
+        from .runtimes.manifest import BundleError
+
+        current = getattr(engine, "bench_drafter", (None, None))
+        if current[0] != spec or engine.drafter is not current[1]:
+            try:
+                engine.set_drafter(spec, ngram_cache=False, ngram_static=getattr(engine, "bench_ngram_static", None))
+            except BundleError as exc:
+                raise ModeUnavailable(str(exc)) from None
+            engine.bench_drafter = (spec, engine.drafter)
+        drafter = engine.drafter
+        before = dict(drafter.counters)
+        token_ids, stats = _run(engine, prompt, gen_config)
+        stats["drafter_counters"] = {k: v - before.get(k, 0) for k, v in drafter.counters.items()}
+        if getattr(drafter, "layer_search", None) is not None:
+            stats["layers"] = drafter.layer_search.describe()
+        return token_ids, stats
+    mode.__doc__ = doc
+    return mode
+
+
+register_mode("draft")(_model_drafter_mode(
+    "draft", "Speculative decoding with the bundle's same-vocabulary drafter model (tree drafts)."))
+register_mode("staged")(_model_drafter_mode(
+    "ngram>draft", "Staged speculation: the n-gram caches draft for the drafter model, which drafts for the target."))
+register_mode("self")(_model_drafter_mode(
+    "self", "Self-speculation: the target drafts with a subset of its layers, chosen online."))
+
+
 def bench_gen_config(max_new_tokens: int) -> dict:
     """GenerationConfig fields every mode gets: greedy, exactly `max_new_tokens` tokens (EOS ignored)."""
     return {"max_new_tokens": int(max_new_tokens), "temperature": 0.0, "ignore_eos": True}

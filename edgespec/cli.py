@@ -35,6 +35,7 @@ def cmd_export(args) -> int:
     drafters = [ModelRequest(d, "drafter", quant=args.quant) for d in args.drafter or ()]
     with bar:
         report = export_bundle(target, args.output, drafters, accuracy_level=args.accuracy_level,
+                               self_speculative=args.self_speculative, drafter_kernels=args.drafter_kernels,
                                eight_bit=args.eight_bit, fused_ops=not args.no_fused_ops, threads=args.threads,
                                parity=not args.no_parity, overwrite=args.force, log=lambda m: console.print(m),
                                progress=progress)
@@ -182,8 +183,10 @@ def _add_generation_args(p) -> None:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--max-context", type=int, default=4096)
     p.add_argument("--truncate-prompt", action="store_true", help="keep the tail of a prompt over the context length")
-    p.add_argument("--drafter", choices=["ngram", "none"], default="ngram",
-                   help="speculative drafter (default ngram; none = plain decoding). Output is the same either way")
+    p.add_argument("--drafter", default="ngram", metavar="SPEC",
+                   help="speculative drafter: ngram (default), draft[:NAME] (the bundle's drafter model), "
+                        "self[:exit=E|skip=a,b|layers=a-b] (the target with layers skipped), stages joined by '>' "
+                        "(ngram>draft), or none (plain decoding). Output is the same either way")
     p.add_argument("--draft-budget", type=int, default=16, help="draft tree nodes per step")
     p.add_argument("--ngram-cache", default=None, metavar="PATH",
                    help="persistent n-gram cache file (default: one per bundle under ~/.cache/edgespec/ngram)")
@@ -200,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", help="short model name, .gguf file or Hugging Face folder")
     p.add_argument("-o", "--output", required=True, help="bundle folder to write")
     p.add_argument("--drafter", action="append", help="drafter model (repeatable)")
+    p.add_argument("--drafter-kernels", choices=["fast", "exact"], default="fast",
+                   help="drafters' 4/8-bit kernels: fast (int8 activations, 8-bit blocks as MatMulNBits; default: a "
+                        "drafter's rounding never changes the output) or exact (the target's settings)")
+    p.add_argument("--self-speculative", action="store_true",
+                   help="export the target with layer gates (and a reduced draft head) so it can draft for itself")
     p.add_argument("--quant", choices=["gguf", "fp32", "int8", "int4"], default=None,
                    help="default: gguf (exact GGUF blocks) for GGUF sources, fp32 for HF folders")
     p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],

@@ -8,6 +8,7 @@ as they are, for MatMulNBits). Names follow GGUF (`token_embd.weight`, `blk.3.at
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +44,13 @@ class BuildOptions:
     # ORT contrib fused operators (SimplifiedLayerNormalization, FusedMatMul with transB, FastGelu) instead of the
     # same math in standard ONNX operators; kept switchable so their benefit can be measured
     fused_ops: bool = True
+    # Self-speculative drafting: an input `layer_gates` (bool [num_layers]) and one `If` per decoder layer; a gated-off
+    # layer passes the hidden state through and emits zero K/V. Every branch reads the outer graph's initializers,
+    # so the weights are stored (and loaded) once.
+    layer_gates: bool = False
+    # With layer_gates: sorted token ids (int64) of a reduced LM head. Adds an input `draft_head` (bool scalar); when
+    # it is true the logits are [1, K, R] for these ids only (a second, smaller head weight holding their rows).
+    draft_head_tokens: np.ndarray | None = None
 
 
 class ExternalData:
@@ -118,6 +126,31 @@ class _Graph:
     def weight(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(self.data.add(name, array))
         return name
+
+    @contextmanager
+    def branch(self):
+        """Collect the nodes built inside the block into a fresh list (an `If` branch body).
+
+        Initializers (weights and constants) still go to the outer graph and its data file: a subgraph reads them by
+        outer-scope name, so nothing is duplicated. Value names stay unique across the model (one counter).
+        """
+        outer, self.nodes = self.nodes, []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes = outer
+
+    def if_node(self, cond: str, then_nodes: list, then_outputs: list[str], else_nodes: list, else_outputs: list[str],
+                outputs: list[str], hint: str) -> None:
+        """An `If` on `cond` whose branches are the given node lists (outputs typed float, shapes left symbolic)."""
+
+        def body(nodes, outs, tag):
+            return helper.make_graph(nodes, f"{hint}_{tag}", [], [
+                helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outs])
+
+        self.nodes.append(helper.make_node("If", [cond], outputs, name=self.name(f"If_{hint}"),
+                                           then_branch=body(then_nodes, then_outputs, "then"),
+                                           else_branch=body(else_nodes, else_outputs, "else")))
 
 
 def _nbits(g: _Graph, x: str, q: BlockQuantized, name: str, accuracy_level: int) -> str:
@@ -214,9 +247,13 @@ def _apply_rope(g: _Graph, x: str, cos: str, sin: str, head_dim: int) -> str:
     return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
 
 
-def _attention(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str, rope, bias: str, opts) -> str:
-    """Self-attention of the T new tokens over the past KV (graph input) plus themselves; emits new K/V."""
+def _attention(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str, rope, bias: str, opts,
+               new_key: str | None = None, new_value: str | None = None) -> str:
+    """Self-attention of the T new tokens over the past KV (graph input) plus themselves; emits new K/V (named
+    `new_key` / `new_value`, by default the graph outputs `new_key_{i}` / `new_value_{i}`)."""
     p = f"blk.{i}"
+    new_key = new_key or f"new_key_{i}"
+    new_value = new_value or f"new_value_{i}"
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     group = nh // nkv
 
@@ -237,18 +274,18 @@ def _attention(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str,
     q = _apply_rope(g, q, cos, sin, hd)
     k = _apply_rope(g, k, cos, sin, hd)
     q = g.op("Transpose", [q], perm=[0, 2, 1, 3])  # [1, nh, T, hd]
-    g.op_to("Transpose", [k], [f"new_key_{i}"], perm=[0, 2, 1, 3])  # [1, nkv, T, hd]
-    g.op_to("Transpose", [v], [f"new_value_{i}"], perm=[0, 2, 1, 3])
+    g.op_to("Transpose", [k], [new_key], perm=[0, 2, 1, 3])  # [1, nkv, T, hd]
+    g.op_to("Transpose", [v], [new_value], perm=[0, 2, 1, 3])
     # Query heads that share a KV head are stacked along the sequence axis: [1, nkv, group*T, hd].
     qg = g.op("Reshape", [q, g.const("shape_qgroup", np.array([1, nkv, -1, hd], dtype=np.int64))])
     if opts.fused_ops:
         s_past = g.op("FusedMatMul", [qg, f"past_key_{i}"], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
-        s_new = g.op("FusedMatMul", [qg, f"new_key_{i}"], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
+        s_new = g.op("FusedMatMul", [qg, new_key], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
     else:
         scale = g.const(f"attn_scale_{spec.scale}", np.array(spec.scale, np.float32))
         qs = g.op("Mul", [qg, scale])
         s_past = g.op("MatMul", [qs, g.op("Transpose", [f"past_key_{i}"], perm=[0, 1, 3, 2])])
-        s_new = g.op("MatMul", [qs, g.op("Transpose", [f"new_key_{i}"], perm=[0, 1, 3, 2])])
+        s_new = g.op("MatMul", [qs, g.op("Transpose", [new_key], perm=[0, 1, 3, 2])])
     scores = g.op("Concat", [s_past, s_new], axis=-1)  # [1, nkv, group*T, P+T]
     total = g.op("Shape", [scores], start=3)  # [P+T]
     t_len = g.op("Shape", [q], start=2, end=3)  # [T]
@@ -259,7 +296,7 @@ def _attention(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str,
     probs = g.op("Reshape", [probs, grouped])
     p_len = g.op("Shape", [f"past_key_{i}"], start=2, end=3)
     probs_past, probs_new = g.op("Split", [probs, g.op("Concat", [p_len, t_len], axis=0)], n_out=2, axis=-1)
-    out = g.op("Add", [g.op("MatMul", [probs_past, f"past_value_{i}"]), g.op("MatMul", [probs_new, f"new_value_{i}"])])
+    out = g.op("Add", [g.op("MatMul", [probs_past, f"past_value_{i}"]), g.op("MatMul", [probs_new, new_value])])
     out = g.op("Reshape", [out, g.const("shape_heads_back", np.array([1, nh, -1, hd], dtype=np.int64))])
     out = g.op("Transpose", [out], perm=[0, 2, 1, 3])
     out = g.op("Reshape", [out, g.const("shape_merge", np.array([1, -1, nh * hd], dtype=np.int64))])
@@ -279,9 +316,74 @@ def _mlp(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str, opts)
     return _linear(g, g.op("Mul", [act, up]), weights.get(f"{p}.ffn_down.weight"), f"{p}.ffn_down", opts)
 
 
+def _decoder_layer(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, h: str, rope, opts: BuildOptions,
+                   new_key: str | None = None, new_value: str | None = None) -> str:
+    """One pre-norm decoder layer on the hidden state `h`; returns the new hidden state."""
+    p = f"blk.{i}"
+    eps = spec.rms_norm_eps
+    sliding = spec.layer_types[i] == "sliding"
+    rope_full, rope_local = rope
+    bias = "attention_bias_local" if sliding else "attention_bias"
+    a = _rms_norm(g, h, weights.get(f"{p}.attn_norm.weight"), f"{p}.attn_norm", eps, opts.fused_ops)
+    a = _attention(g, spec, weights, i, a, rope_local if sliding else rope_full, bias, opts, new_key, new_value)
+    if spec.sandwich_norm:
+        a = _rms_norm(g, a, weights.get(f"{p}.post_attention_norm.weight"), f"{p}.post_attention_norm", eps,
+                      opts.fused_ops)
+    h = g.op("Add", [h, a])
+    m = _rms_norm(g, h, weights.get(f"{p}.ffn_norm.weight"), f"{p}.ffn_norm", eps, opts.fused_ops)
+    m = _mlp(g, spec, weights, i, m, opts)
+    if spec.sandwich_norm:
+        m = _rms_norm(g, m, weights.get(f"{p}.post_ffw_norm.weight"), f"{p}.post_ffw_norm", eps, opts.fused_ops)
+    return g.op("Add", [h, m])
+
+
+def _gated_layer(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, h: str, rope, opts: BuildOptions,
+                 kv_shape: str) -> str:
+    """Layer `i` inside `If(layer_gates[i])`: then = the layer (its K/V become the outputs new_key_i/new_value_i),
+    else = the hidden state unchanged and zero K/V of shape `kv_shape` ([1, nkv, T, hd])."""
+    cond = g.op("Gather", ["layer_gates", g.const(f"layer_index_{i}", np.array(i, np.int64))], axis=0,
+                hint=f"gate_{i}")
+    with g.branch() as on:
+        key, value = g.name(f"layer_{i}_key"), g.name(f"layer_{i}_value")
+        h_on = _decoder_layer(g, spec, weights, i, h, rope, opts, key, value)
+    with g.branch() as off:
+        h_off = g.op("Identity", [h], hint=f"skip_{i}")
+        zero = helper.make_tensor("value", TensorProto.FLOAT, [1], [0.0])
+        k0 = g.op("ConstantOfShape", [kv_shape], value=zero, hint=f"zero_key_{i}")
+        v0 = g.op("ConstantOfShape", [kv_shape], value=zero, hint=f"zero_value_{i}")
+    h_out = g.name(f"hidden_{i}")
+    g.if_node(cond, on, [h_on, key, value], off, [h_off, k0, v0], [h_out, f"new_key_{i}", f"new_value_{i}"],
+              hint=f"layer_{i}")
+    return h_out
+
+
+def _head_rows(head, ids: np.ndarray):
+    """Rows `ids` of an LM head weight [vocab, hidden]: whole rows of GGUF blocks stay blocks, floats stay floats."""
+    if isinstance(head, BlockQuantized):
+        zp = None if head.zero_points is None else np.ascontiguousarray(head.zero_points[ids])
+        return BlockQuantized(head.bits, head.block_size, len(ids), head.k, np.ascontiguousarray(head.packed[ids]),
+                              np.ascontiguousarray(head.scales[ids]), zp, head.source_type)
+    return np.ascontiguousarray(np.asarray(head, dtype=np.float32)[ids])
+
+
+def _check_draft_tokens(ids, vocab_size: int) -> np.ndarray:
+    ids = np.asarray(ids)
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError("draft_head_tokens must be a non-empty 1-D array of integer token ids")
+    ids = ids.astype(np.int64)
+    if ids[0] < 0 or ids[-1] >= vocab_size or np.any(np.diff(ids) <= 0):
+        raise ValueError(f"draft_head_tokens must be strictly increasing token ids in [0, {vocab_size})")
+    return ids
+
+
 def build_decoder(spec: ArchSpec, weights: WeightSource, out_dir: str, opts: BuildOptions | None = None) -> str:
     """Write `model.onnx` + `model.onnx.data` for `spec` into `out_dir`; returns the graph path."""
     opts = opts or BuildOptions()
+    draft_ids = None
+    if opts.draft_head_tokens is not None:
+        if not opts.layer_gates:
+            raise ValueError("draft_head_tokens needs layer_gates=True (the draft head is part of self-speculation)")
+        draft_ids = _check_draft_tokens(opts.draft_head_tokens, spec.vocab_size)
     os.makedirs(out_dir, exist_ok=True)
     data = ExternalData(os.path.join(out_dir, "model.onnx.data"))
     g = _Graph(data)
@@ -294,7 +396,13 @@ def build_decoder(spec: ArchSpec, weights: WeightSource, out_dir: str, opts: Bui
     if spec.has_sliding_layers:
         inputs.append(helper.make_tensor_value_info("attention_bias_local", TensorProto.FLOAT, [1, 1, "T", "PT"]))
     inputs.append(helper.make_tensor_value_info("logit_positions", TensorProto.INT64, ["K"]))
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [1, "K", spec.vocab_size])]
+    if opts.layer_gates:
+        inputs.append(helper.make_tensor_value_info("layer_gates", TensorProto.BOOL, [spec.num_layers]))
+    if draft_ids is not None:
+        inputs.append(helper.make_tensor_value_info("draft_head", TensorProto.BOOL, []))
+    # with a draft head the last dimension is the vocabulary or R, chosen at run time
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                             [1, "K", spec.vocab_size if draft_ids is None else "V"])]
     for i in range(spec.num_layers):
         for kind in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kind}_{i}", TensorProto.FLOAT, [1, nkv, "P", hd]))
@@ -306,27 +414,30 @@ def build_decoder(spec: ArchSpec, weights: WeightSource, out_dir: str, opts: Bui
         h = g.op("Mul", [h, g.const("embed_scale", np.array(spec.embedding_scale, dtype=np.float32))])
     rope_full = _rope_tables(g, "position_ids", hd, spec.rope_theta, "full")
     rope_local = _rope_tables(g, "position_ids", hd, spec.rope_local_theta, "local") if spec.has_sliding_layers else None
+    rope = (rope_full, rope_local)
     eps = spec.rms_norm_eps
+    kv_shape = None
+    if opts.layer_gates:  # [1, nkv, T, hd]: the zero K/V a gated-off layer emits
+        t_len = g.op("Shape", ["input_ids"], start=1, end=2)
+        kv_shape = g.op("Concat", [g.const("kv_shape_head", np.array([1, nkv], np.int64)), t_len,
+                                   g.const("kv_shape_tail", np.array([hd], np.int64))], axis=0, hint="kv_shape")
     for i in range(spec.num_layers):
-        p = f"blk.{i}"
-        sliding = spec.layer_types[i] == "sliding"
-        rope = rope_local if sliding else rope_full
-        bias = "attention_bias_local" if sliding else "attention_bias"
-        a = _rms_norm(g, h, weights.get(f"{p}.attn_norm.weight"), f"{p}.attn_norm", eps, opts.fused_ops)
-        a = _attention(g, spec, weights, i, a, rope, bias, opts)
-        if spec.sandwich_norm:
-            a = _rms_norm(g, a, weights.get(f"{p}.post_attention_norm.weight"), f"{p}.post_attention_norm", eps, opts.fused_ops)
-        h = g.op("Add", [h, a])
-        m = _rms_norm(g, h, weights.get(f"{p}.ffn_norm.weight"), f"{p}.ffn_norm", eps, opts.fused_ops)
-        m = _mlp(g, spec, weights, i, m, opts)
-        if spec.sandwich_norm:
-            m = _rms_norm(g, m, weights.get(f"{p}.post_ffw_norm.weight"), f"{p}.post_ffw_norm", eps, opts.fused_ops)
-        h = g.op("Add", [h, m])
+        if opts.layer_gates:
+            h = _gated_layer(g, spec, weights, i, h, rope, opts, kv_shape)
+        else:
+            h = _decoder_layer(g, spec, weights, i, h, rope, opts)
     h = g.op("Gather", [h, "logit_positions"], axis=1)  # only the requested positions reach the LM head
     h = _rms_norm(g, h, weights.get("output_norm.weight"), "output_norm", eps, opts.fused_ops)
     head = embed_table if spec.tie_embeddings else weights.get("output.weight")
-    logits = _linear(g, h, head, "output", opts)
-    g.op_to("Identity", [logits], ["logits"])
+    if draft_ids is None:
+        logits = _linear(g, h, head, "output", opts)
+        g.op_to("Identity", [logits], ["logits"])
+    else:
+        with g.branch() as full:
+            full_logits = _linear(g, h, head, "output", opts)
+        with g.branch() as draft:  # the same representation as the full head, restricted to rows draft_ids
+            draft_logits = _linear(g, h, _head_rows(head, draft_ids), "output_draft", opts)
+        g.if_node("draft_head", draft, [draft_logits], full, [full_logits], ["logits"], hint="draft_head")
     data.close()
 
     graph = helper.make_graph(g.nodes, "edgespec_decoder", inputs, outputs, initializer=g.initializers)

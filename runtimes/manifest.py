@@ -47,6 +47,9 @@ class ModelEntry:
     quantization: dict = field(default_factory=dict)
     accuracy: dict = field(default_factory=dict)
     source: dict = field(default_factory=dict)
+    # Self-speculative target graphs: {"layer_gates": bool, "draft_head_tokens": resolved Path or None}; empty for
+    # ordinary graphs. (In manifest.json the path is relative to the bundle, or null.)
+    self_speculation: dict = field(default_factory=dict)
 
     @property
     def has_sliding_layers(self) -> bool:
@@ -133,6 +136,7 @@ def _model_entry(root: Path, name: str, d: dict, check_files: bool) -> ModelEntr
     for tok in [*eos, special.get("bos"), special.get("pad")]:
         if tok is not None and (not isinstance(tok, int) or not 0 <= tok < ints["vocab_size"]):
             raise BundleError(f"{where}: special token id {tok!r} is outside the vocabulary")
+    self_spec = _self_speculation(root, d.get("self_speculation"), where, check_files)
     return ModelEntry(
         name=name,
         role=role,
@@ -149,8 +153,30 @@ def _model_entry(root: Path, name: str, d: dict, check_files: bool) -> ModelEntr
         quantization=d.get("quantization") or {},
         accuracy=d.get("accuracy") or {},
         source=d.get("source") or {},
+        self_speculation=self_spec,
         **ints,
     )
+
+
+def _self_speculation(root: Path, value, where: str, check_files: bool) -> dict:
+    """The optional `self_speculation` object: {"layer_gates": true, "draft_head_tokens": "<path>" or null}."""
+    if value is None:
+        return {}
+    where = where + " self_speculation"
+    if not isinstance(value, dict):
+        raise BundleError(f"{where}: must be an object")
+    gates = value.get("layer_gates", False)
+    if not isinstance(gates, bool):
+        raise BundleError(f"{where}: layer_gates must be true or false, got {gates!r}")
+    tokens = value.get("draft_head_tokens")
+    path = None
+    if tokens is not None:
+        if not gates:
+            raise BundleError(f"{where}: a draft head (draft_head_tokens) needs layer_gates")
+        path = _inside(root, tokens, where + ".draft_head_tokens")
+        if check_files and not path.is_file():
+            raise BundleError(f"{where}: draft head token file {path} is missing")
+    return {"layer_gates": gates, "draft_head_tokens": path} if gates else {}
 
 
 def load_manifest(bundle_dir: str | os.PathLike, check_files: bool = True) -> Manifest:

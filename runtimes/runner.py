@@ -65,6 +65,9 @@ class ModelRunner:
         self._output_names = ["logits"] + [
             f"new_{kind}_{i}" for i in range(entry.num_layers) for kind in ("key", "value")]
         self.timing = ForwardTiming()
+        self._all_layers = np.ones(entry.num_layers, dtype=bool)
+        self._no_draft_head = np.array(False)
+        self._draft_head = np.array(True)
 
     def _check_graph(self) -> None:
         names = {i.name: i for i in self.session.get_inputs()}
@@ -81,24 +84,56 @@ class ModelRunner:
         vocab = self.session.get_outputs()[0].shape[-1]
         if isinstance(vocab, int) and vocab != e.vocab_size:
             raise BundleError(f"graph {e.graph_path} has vocabulary {vocab}, the manifest says {e.vocab_size}")
+        # self-speculation: per-layer gates (any subset of layers runs) and an optional reduced draft LM head
+        self.has_layer_gates = "layer_gates" in names
+        self.draft_head_tokens = None
+        spec = e.self_speculation or {}
+        if spec.get("layer_gates") and not self.has_layer_gates:
+            raise BundleError(f"graph {e.graph_path} has no layer_gates input, the manifest says it has")
+        if self.has_layer_gates and list(names["layer_gates"].shape) != [e.num_layers]:
+            raise BundleError(f"graph {e.graph_path} layer_gates shape {names['layer_gates'].shape} does not match "
+                              f"{e.num_layers} layers")
+        path = spec.get("draft_head_tokens")
+        if path is not None:
+            if "draft_head" not in names:
+                raise BundleError(f"graph {e.graph_path} has no draft_head input, the manifest names {path}")
+            try:
+                ids = np.load(path, allow_pickle=False)
+            except (OSError, ValueError) as exc:
+                raise BundleError(f"cannot read the draft head token ids {path}: {exc}") from None
+            if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 \
+                    or ids.max() >= e.vocab_size or np.any(np.diff(ids) <= 0):
+                raise BundleError(f"{path}: draft head token ids must be increasing ids inside the vocabulary")
+            self.draft_head_tokens = ids.astype(np.int64)
+        self._draft_head_input = "draft_head" in names
 
     @property
     def length(self) -> int:
         """Committed tokens in the cache."""
         return self.cache.length
 
-    def forward(self, tokens, parents=None, logit_positions=None, past_visible=None, positions=None) -> np.ndarray:
+    def forward(self, tokens, parents=None, logit_positions=None, past_visible=None, positions=None, *,
+                layer_gates=None, draft_head: bool = False) -> np.ndarray:
         """Score `tokens` (a tree given by `parents`, -1 = child of the committed context; None = a chain).
 
         Returns logits [K, vocab] for `logit_positions` (default: every node). The new K/V are staged; call
         `commit(keep)` to keep a subset. Drafters that grow a tree over several forwards cache the nodes of earlier
         forwards and pass `past_visible` ([T, k] bool: which of the last k cached nodes each new token descends
         from) and `positions` (each new token's position); see `attention_bias`.
+
+        Self-speculative graphs (`has_layer_gates`): `layer_gates` (bool [num_layers], None = all) runs only the
+        chosen layers; a skipped layer leaves the hidden state as it is and stages zero K/V for the new tokens.
+        `draft_head=True` computes logits only for `draft_head_tokens` ([K, R]; column j is token
+        `draft_head_tokens[j]`).
         """
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         t = len(tokens)
         if t == 0:
             raise ValueError("forward() needs at least one token")
+        gates = self._gates(layer_gates)
+        if draft_head and self.draft_head_tokens is None:
+            raise ValueError(f"draft_head=True: graph {self.entry.graph_path} has no draft head (export with "
+                             f"self_speculative=True and a draft head smaller than the vocabulary)")
         if parents is None:
             parents = np.arange(-1, t - 1, dtype=np.int64)
         visible = tree_ancestors(parents)
@@ -128,6 +163,10 @@ class ModelRunner:
             feeds["attention_bias_local"] = attention_bias(
                 past, self.cache.capacity, visible, positions, window=self.entry.sliding_window,
                 past_visible=past_visible, past_positions=past_positions)
+        if self.has_layer_gates:
+            feeds["layer_gates"] = gates
+        if self._draft_head_input:
+            feeds["draft_head"] = self._draft_head if draft_head else self._no_draft_head
         for i in range(self.entry.num_layers):
             feeds[f"past_key_{i}"] = self.cache.keys[i]
             feeds[f"past_value_{i}"] = self.cache.values[i]
@@ -138,6 +177,19 @@ class ModelRunner:
         self.timing.tokens += t
         self.cache.stage(outputs[1::2], outputs[2::2])
         return outputs[0][0]
+
+    def _gates(self, layer_gates) -> np.ndarray | None:
+        """The `layer_gates` feed: all layers when None; checked against the graph."""
+        if layer_gates is None:
+            return self._all_layers if self.has_layer_gates else None
+        if not self.has_layer_gates:
+            raise ValueError(f"layer_gates given, but graph {self.entry.graph_path} has no layer gates (export it "
+                             f"with self_speculative=True)")
+        gates = np.asarray(layer_gates)
+        if gates.dtype != bool or gates.shape != (self.entry.num_layers,):
+            raise ValueError(f"layer_gates must be a bool array of shape ({self.entry.num_layers},), got "
+                             f"{gates.dtype} {gates.shape}")
+        return gates
 
     def commit(self, keep=None) -> None:
         """Keep staged tokens `keep` (ascending indices into the last forward; None = all)."""
