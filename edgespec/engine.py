@@ -176,6 +176,7 @@ class Engine:
     def set_drafter(self, drafter: "str | Drafter | None", **options) -> None:
         """Switch drafting: None or "none" (plain decoding), "ngram", or any Drafter instance."""
         self.drafter = make_drafter(drafter, self, **options)
+        self.calibration = Calibration()  # what was learnt about the previous drafter's estimates does not carry over
         self._warn_if_inexact_verification()
 
     def _warn_if_inexact_verification(self) -> None:
@@ -248,16 +249,18 @@ class Engine:
                 stats.steps += 1
                 token = self._choose(logits, config, rng)
         context = list(ids)
-        t = time.perf_counter()
-        drafter.start(list(ids), config)
-        stats.draft_seconds += time.perf_counter() - t
         produced = 0
+        started = False
         try:
             while True:
                 yield token
                 produced += 1
                 context.append(token)
                 t = time.perf_counter()
+                if not started:  # after the first token is out: the drafter's prefill does not delay it
+                    drafter.start(list(ids), config)
+                    started = True
+                    stats.draft_seconds += time.perf_counter() - t
                 accepted, token = self._speculate_step(context, config, rng, stats, budget - produced)
                 stats.decode_seconds += time.perf_counter() - t
                 stats.steps += 1
@@ -266,9 +269,10 @@ class Engine:
                     produced += 1
                     context.append(accepted_token)
         finally:
-            t = time.perf_counter()
-            drafter.finish(context)
-            stats.draft_seconds += time.perf_counter() - t
+            if started:
+                t = time.perf_counter()
+                drafter.finish(context)
+                stats.draft_seconds += time.perf_counter() - t
 
     def _draft(self, context: list[int], remaining: int, stats: GenerationStats) -> DraftTree:
         """Ask the drafter for a tree, checked and cut to the node budget, the tokens still wanted and the room left

@@ -4,9 +4,11 @@ draft tree by its own probabilities.
 `ModelDrafter` runs any bundle model through its own `ModelRunner` and grows a tree best-first on cumulative draft
 probability, in the manner of EAGLE-2 / DySpec: every drafter forward scores the most promising unexpanded nodes
 at once (a tree-masked batch over the nodes cached by earlier forwards), each scored node offers its `width` most
-likely tokens (greedy) or `width` draws without replacement (sampling, Gumbel top-k) as children, and growth stops
-when the best open node is no longer worth a forward: its calibrated score is below the ratio of a drafter forward
-to a target step, both measured as we go, and the calibration is learned from what the target accepted.
+likely tokens (greedy) or `width` draws without replacement (sampling, Gumbel top-k) as children. A node's estimate
+is the product along its path of acceptance rates learned online per (draft probability, sibling rank)
+(`AcceptanceByProbability`). Growth stops when another forward would lower the step's expected tokens per second:
+the tokens it is expected to add, over the drafter forward plus the extra verification it costs (both measured as
+we go), no longer beat the step's current average (`_worth_a_forward`).
 
 The drafter's KV cache follows the accepted text: after each verification the accepted nodes it already scored are
 kept (`ModelRunner.select`), the rest dropped; the next proposal feeds only what it has not seen (usually the
@@ -117,6 +119,43 @@ class ForwardCost:
         self.seconds = seconds if self.seconds is None else self.seconds + self.smoothing * (seconds - self.seconds)
 
 
+class PaysOff:
+    """Is drafting paying on this context? A decaying average of tokens per second over drafted steps (accepted +
+    bonus over draft + verification time) against plain decoding (one token per target step). While it loses, the
+    drafter sits out `pause` steps (plain decoding, no drafter forward at all), then probes once; the pause doubles
+    while probes keep losing (up to `max_pause`) and resets when drafting wins. A new generation probes at once."""
+
+    def __init__(self, decay: float = 0.7, first_pause: int = 4, max_pause: int = 64, margin: float = 1.0):
+        self.decay, self.first_pause, self.max_pause, self.margin = decay, first_pause, max_pause, margin
+        self.tokens = self.seconds = 0.0
+        self.pause = first_pause
+        self.wait = 0
+        self.skipped = 0
+
+    def restart(self) -> None:
+        """A new generation: judge it afresh."""
+        self.tokens = self.seconds = 0.0
+        self.wait = 0
+
+    def should_draft(self) -> bool:
+        """False while sitting out."""
+        if self.wait > 0:
+            self.wait -= 1
+            self.skipped += 1
+            return False
+        return True
+
+    def observe(self, tokens: int, seconds: float, plain_seconds: float) -> None:
+        """One drafted step produced `tokens` in `seconds`; a plain step takes `plain_seconds`."""
+        self.tokens = self.decay * self.tokens + tokens
+        self.seconds = self.decay * self.seconds + seconds
+        if self.tokens / self.seconds * plain_seconds < self.margin:
+            self.wait = self.pause
+            self.pause = min(self.max_pause, self.pause * 2)
+        else:
+            self.pause = self.first_pause
+
+
 class ModelDrafter(Drafter):
     """Drafts a token tree with a model (see the module docstring).
 
@@ -145,6 +184,7 @@ class ModelDrafter(Drafter):
         self.temperature = temperature  # sampling: the draft distribution's temperature (None: the target's)
         self.vocab_size = runner.entry.vocab_size
         self.forward_cost = ForwardCost()
+        self.pays_off = PaysOff()
         self.acceptance = AcceptanceByProbability()  # drafter probability -> how often the target accepts
         self.counters = {"proposals": 0, "forwards": 0, "nodes": 0, "stage_fed": 0, "stage_used": 0,
                          "accepted": 0}
@@ -158,12 +198,14 @@ class ModelDrafter(Drafter):
         self._base = 0
         self._gates = None
         self._proposal_seconds = 0.0
+        self._drafted = False  # the last proposal ran the drafter (not sitting out)
 
     # ---- the Drafter interface --------------------------------------------------------------------------------
     def start(self, prompt_ids: list[int], config: GenerationConfig) -> None:
         """Prefill the drafter's cache with the prompt (reusing the prefix it already holds)."""
         self._config = config
         self._rng = np.random.default_rng(None if config.seed is None else config.seed + 7919)
+        self.pays_off.restart()
         if self.stage is not None:
             self.stage.start(prompt_ids, config)
         if self.shared_cache:
@@ -178,10 +220,11 @@ class ModelDrafter(Drafter):
 
     def propose(self, context: list[int], budget: int) -> DraftTree:
         """A tree of at most `budget` nodes, grown best-first by the drafter's probabilities."""
-        t0 = time.perf_counter()
+        t0 = self._t_propose = time.perf_counter()
         self.counters["proposals"] += 1
         self._nodes, self._roots, self._rows, self._stage_slots = [], [], {}, 0
-        if budget <= 0:
+        self._drafted = False
+        if budget <= 0 or (self.target_cost is not None and not self.pays_off.should_draft()):
             return DraftTree.empty()
         if self.layer_search is not None:
             self._gates = self.layer_search.choose()
@@ -198,6 +241,7 @@ class ModelDrafter(Drafter):
             if self.shared_cache:  # skipped layers left no K/V: the target re-scores everything
                 self.runner.rewind(len(context) - 1)
         tree = self._tree(budget)
+        self._drafted = True
         self._proposal_seconds = time.perf_counter() - t0
         return tree
 
@@ -207,9 +251,11 @@ class ModelDrafter(Drafter):
         path = self._follow(accepted_tokens)
         self.counters["accepted"] += len(path)
         self._learn(path, step)
-        if self.layer_search is not None and self.target_cost is not None:
+        if self._drafted and self.target_cost is not None:
             seconds = self._proposal_seconds + self.target_cost(len(step.fed_tokens))
-            self.layer_search.observe(self._gates, len(step.accepted), seconds)
+            self.pays_off.observe(len(step.accepted), seconds, self.target_cost(1))
+            if self.layer_search is not None:
+                self.layer_search.observe(self._gates, len(step.accepted), seconds)
         if self.stage is not None:
             self.stage.observe(step)
         if self.shared_cache or not self._nodes:
@@ -284,17 +330,16 @@ class ModelDrafter(Drafter):
             self.counters["stage_fed"] += len(tree)
         return tree
 
-    def _row_tokens(self, row: np.ndarray):
-        """Map a logits row's columns to token ids (a reduced draft head scores a subset of the vocabulary)."""
-        ids = getattr(self.runner, "draft_head_tokens", None) if self.draft_head else None
-        return ids
+    def _row_tokens(self) -> np.ndarray | None:
+        """Token ids of a logits row's columns: None for the full vocabulary, the reduced draft head's ids."""
+        return getattr(self.runner, "draft_head_tokens", None) if self.draft_head else None
 
     def _children_of(self, row: np.ndarray) -> list[tuple[int, float, float]]:
         """(token, draft probability, rank prior) of the children a scored node offers, in the order they are
         tried. Greedy: the `width` most likely tokens (the prior is their probability). Sampling: `width` draws
         without replacement from the draft distribution; the prior of the j-th draw is the j-th largest
         probability, which does not depend on what was drawn."""
-        ids = self._row_tokens(row)
+        ids = self._row_tokens()
         if self._config.is_greedy:
             top, probs = softmax_top(row, self.width)
             tokens = ids[top] if ids is not None else top
@@ -308,7 +353,7 @@ class ModelDrafter(Drafter):
         """The drafter's sampling distribution over the full vocabulary (the target's temperature, top-k, top-p)."""
         c = self._config
         temperature = self.temperature or c.temperature
-        ids = self._row_tokens(row)
+        ids = self._row_tokens()
         if ids is None:
             return process_logits(row, temperature, c.top_k, c.top_p)
         full = np.full(self.vocab_size, -np.inf, dtype=np.float32)
@@ -346,15 +391,16 @@ class ModelDrafter(Drafter):
     def _grow(self, context: list[int], budget: int) -> None:
         """Score the best open nodes, a batch per forward, while it pays."""
         fed = self._stage_slots  # draft slots cached after the context so far
+        t_start = self._t_propose
         for _ in range(self.max_forwards - 1):
             open_nodes = [i for i, n in enumerate(self._nodes) if n.slot < 0 and not n.expanded]
             if not open_nodes:
                 return
             scores = sorted((n.sel for n in self._nodes), reverse=True)
             floor = scores[budget - 1] if len(scores) >= budget else 0.0  # children of nodes below it never make it
-            threshold = max(floor, self._stop_threshold())
             open_nodes.sort(key=lambda i: (-self._nodes[i].score, i))
-            pick = [i for i in open_nodes[:self.frontier] if self._nodes[i].score > threshold]
+            pick = [i for i in open_nodes[:self.frontier] if self._nodes[i].score > floor]
+            pick = self._worth_a_forward(pick, time.perf_counter() - t_start)
             if not pick:
                 return
             best_path = self._path_tokens(pick[0])
@@ -394,11 +440,30 @@ class ModelDrafter(Drafter):
             node = self._nodes[node].parent
         return path[::-1]
 
-    def _stop_threshold(self) -> float:
-        """A node is worth a forward when its calibrated score exceeds (drafter forward) / (target step)."""
-        if self.forward_cost.seconds is None or self.target_cost is None:
-            return 0.0
-        return min(0.9, self.forward_cost.seconds / max(self.target_cost(1), 1e-6))
+    def _worth_a_forward(self, pick: list[int], elapsed: float) -> list[int]:
+        """The prefix of `pick` whose expansion raises the expected tokens per second of this step (marginal value:
+        expand while the expected tokens a forward adds, per second it adds in drafting and verification, beat the
+        step's current average). Without cost measurements yet, expand."""
+        if self.forward_cost.seconds is None or self.target_cost is None or not pick:
+            return pick
+        cost = self.target_cost
+        chosen = sorted((n.sel for n in self._nodes), reverse=True)
+        # the best the tree offers now: (1 + expected accepted) / (draft time + verification of the best prefix)
+        expected, best_rate, best_n = 1.0, 1.0 / (elapsed + cost(1)), 0
+        for n, est in enumerate(chosen, 1):
+            expected += est
+            rate = expected / (elapsed + cost(1 + n))
+            if rate > best_rate:
+                best_rate, best_n = rate, n
+        first_child = self.acceptance.rate(0.5, 0)  # what a scored node's best child typically adds
+        kept, gain = [], 0.0
+        for i in pick:
+            gain += self._nodes[i].score * first_child
+            extra = self.forward_cost.seconds + cost(2 + best_n + len(kept)) - cost(1 + best_n)
+            if gain / extra <= best_rate:
+                break
+            kept.append(i)
+        return kept
 
     def _tree(self, budget: int) -> DraftTree:
         """The `budget` best nodes (a node always after its parent and its earlier siblings), renumbered."""
@@ -479,6 +544,13 @@ class LayerSearch:
         self._current = 0
         self.plain_rate = plain_rate
         self.off_steps = 0  # proposals skipped because plain decoding was faster
+        self._interval = explore_every  # steps between explorations; doubles while they find nothing better
+        self._next_explore = explore_every
+        self._explored = 0
+        self._explore_from = None
+
+    def _beats_plain(self) -> bool:
+        return self.plain_rate is None or self.rates()[self.best] >= self.plain_rate()
 
     def rates(self) -> np.ndarray:
         """Measured tokens per second of each candidate (0 before it was tried)."""
@@ -495,10 +567,13 @@ class LayerSearch:
         untried = np.flatnonzero(self.tries < self.warmup)
         if len(untried):
             self._current = int(untried[0])
-        elif self.steps % self.explore_every == 0 and (len(self.candidates) > 1 or self.plain_rate is not None):
+        elif self.steps >= self._next_explore and (len(self.candidates) > 1 or self.plain_rate is not None):
             others = [i for i in range(len(self.candidates)) if i != self.best or self.plain_rate is not None]
-            self._current = others[(self.steps // self.explore_every) % len(others)]
-        elif self.plain_rate is not None and self.rates()[self.best] < self.plain_rate():
+            self._explored += 1
+            self._current = others[self._explored % len(others)]
+            self._explore_from = self.best if self._beats_plain() else None
+            self._next_explore = self.steps + self._interval
+        elif not self._beats_plain():
             self._current = None
             self.off_steps += 1
         else:
@@ -513,6 +588,10 @@ class LayerSearch:
         self.tries[i] += 1
         self.tokens[i] = self.decay * self.tokens[i] + tokens
         self.seconds[i] = self.decay * self.seconds[i] + seconds
+        if self.steps == self._next_explore - self._interval and self.tries.min() >= self.warmup:  # an exploration
+            found = (self.best if self._beats_plain() else None) != self._explore_from
+            self._interval = self.explore_every if found else min(256, self._interval * 2)
+            self._next_explore = self.steps + self._interval
 
     def describe(self, i: int | None = None) -> str:
         """Human-readable form of a candidate (default: the best)."""

@@ -9,7 +9,7 @@ import pytest
 from edgespec import load
 from edgespec.engine import Engine, make_drafter
 from edgespec.export.bundle import ModelRequest, export_bundle
-from edgespec.model_drafter import (LayerSearch, ModelDrafter, candidate_layer_sets, describe_gates, gumbel_top,
+from edgespec.model_drafter import (LayerSearch, ModelDrafter, PaysOff, candidate_layer_sets, describe_gates, gumbel_top,
                                     parse_layer_option)
 from edgespec.runtimes.manifest import BundleError
 from spec_helpers import assert_exact_or_near_tie
@@ -57,6 +57,7 @@ def test_model_drafter_greedy_is_exact(arch, pair, spec, pair_bundles, plain_out
     """Greedy output equals plain greedy output for every prompt, with a perfect and with a poor drafter, alone
     and staged behind the n-gram caches; a perfect drafter gets long runs accepted."""
     engine = load(pair_bundles[pair, arch], threads=2, drafter=spec, draft_budget=12, ngram_cache=False)
+    engine.drafter.target_cost = None  # tiny drafters cost more than tiny targets: grow trees regardless of timing
     drafted = 0
     for i in range(len(PROMPTS)):
         ids, expected = plain_outputs[arch, i]
@@ -106,6 +107,7 @@ def test_staged_drafter_uses_the_stage(pair_bundles):
     results = {}
     for spec in ("draft", "ngram>draft"):
         engine = load(pair_bundles["same", "llama"], threads=2, drafter=spec, draft_budget=12, ngram_cache=False)
+        engine.drafter.target_cost = None
         result = engine.generate(text, max_new_tokens=40, ignore_eos=True)
         counters = engine.drafter.counters
         results[spec] = (result.token_ids, counters["forwards"] / max(1, counters["nodes"]), counters)
@@ -129,6 +131,7 @@ def test_model_drafter_sampling_matches_exact_distribution(spec, pair_bundles, s
     ids, (second, third) = sampling_reference
     engine = load(pair_bundles["same", "qwen2"], threads=2, drafter=spec, draft_budget=6, ngram_cache=False)
     engine.drafter.temperature = 0.5
+    engine.drafter.target_cost = None
     got_second, got_third = _empirical_marginals(engine, ids, 20_000)
     assert _tv(got_second, second) < TOKEN2_TV_BOUND
     assert _tv(got_third, third) < TOKEN3_TV_BOUND
@@ -150,8 +153,10 @@ def test_drafter_specs_and_errors(tiny_bundles, pair_bundles):
         load(plain_bundle, drafter="self")
     engine = load(pair_bundles["same", "qwen2"], drafter="draft:copy")
     assert engine.drafter.name == "draft:copy"
+    engine.calibration.update(np.array([0.9]), np.array([-1]), [])  # learnt about the previous drafter
     engine.set_drafter("ngram>draft", ngram_cache=False)
     assert engine.drafter.name == "ngram>draft:copy"
+    assert engine.calibration.estimated == 0.0  # a new drafter starts uncalibrated
 
 
 def test_drafter_with_another_tokenizer_is_refused(tiny_models, tmp_path):
@@ -258,3 +263,18 @@ def test_layer_search_turns_drafting_off_when_plain_is_faster():
         search.observe(gates, tokens=1, seconds=1.0)  # 1 token/s: far slower than plain
     assert choices[:2] == [True, True] and search.off_steps > 20
     assert any(choices[10:])  # still explores now and then
+
+
+def test_drafting_sits_out_while_it_loses_and_probes_again():
+    pays = PaysOff(first_pause=2, max_pause=8)
+    drafted = []
+    for step in range(60):
+        if pays.should_draft():
+            drafted.append(step)
+            pays.observe(tokens=1, seconds=3.0, plain_seconds=1.0)  # a third of plain's rate
+    gaps = np.diff(drafted)
+    assert gaps[0] == 3 and gaps.max() == 9 and pays.skipped > 40  # pauses double up to the cap, probes continue
+    pays.restart()
+    assert pays.should_draft()  # a new generation probes at once
+    pays.observe(tokens=5, seconds=2.0, plain_seconds=1.0)  # now it wins: keep drafting
+    assert all(pays.should_draft() for _ in range(5))

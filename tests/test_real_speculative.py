@@ -89,3 +89,34 @@ def test_garbage_drafts_stay_exact_on_a_real_model(engines, real_bundles):
         got = spec.generate(ids, max_new_tokens=32, ignore_eos=True)
         assert_exact_or_near_tie(plain.entry, ids, want, got.token_ids, "smollm2 garbage")
         assert got.stats.drafted_tokens >= 6 * 20
+
+
+@pytest.fixture(scope="module")
+def qwen_pair(tmp_path_factory):
+    """Qwen2.5-Coder-0.5B exported self-speculative, with itself as a drafter on the fast kernels (int8
+    activations: real rounding differences, so the drafter is good but not perfect)."""
+    from edgespec.export.bundle import ModelRequest, export_bundle
+
+    bundle = export_bundle("qwen2.5-coder-0.5b", tmp_path_factory.mktemp("pair") / "qwen-pair", log=print,
+                           drafters=[ModelRequest("qwen2.5-coder-0.5b", "drafter", name="qwen-0.5b-fast")],
+                           self_speculative=True).bundle
+    return bundle, edgespec.engine.load(bundle, threads=2, max_context=1024, drafter=None)
+
+
+@pytest.mark.parametrize("spec", ["draft", "ngram>draft", "self", "self:skip=6-8"])
+def test_model_drafters_greedy_equal_plain(spec, qwen_pair):
+    """The drafter model, the staged n-gram -> drafter composition and self-speculation leave greedy output
+    unchanged on the real model."""
+    bundle, plain = qwen_pair
+    engine = edgespec.engine.load(bundle, threads=2, max_context=1024, drafter=spec, ngram_cache=False)
+    steps = tokens = 0
+    for prompt in PROMPTS[1:3]:
+        ids = _chat_ids(plain, prompt)
+        want = plain.generate(ids, max_new_tokens=48, ignore_eos=True)
+        got = engine.generate(ids, max_new_tokens=48, ignore_eos=True)
+        assert_exact_or_near_tie(plain.entry, ids, want.token_ids, got.token_ids, f"{spec} {prompt[:30]!r}")
+        steps += got.stats.steps
+        tokens += got.stats.new_tokens
+    if spec.endswith("draft"):
+        assert tokens / steps > 2.0, "the fast-kernel copy of the target should get long runs accepted"
+    assert engine.drafter.counters["forwards"] > 0
