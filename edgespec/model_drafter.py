@@ -74,14 +74,18 @@ def gumbel_top(q: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
 
 class AcceptanceByProbability:
     """How often the target accepts a drafted token, as a function of the drafter's probability for it and its rank
-    among its siblings (first, second, later): decaying counts in bins of log10(probability). A bin starts optimistic (`prior` with `prior_weight` pseudo-counts), so
+    among its siblings (first, second, later): decaying counts in bins of log10(probability). A bin starts optimistic (`PRIORS` per rank, with `prior_weight` pseudo-counts), so
     unproven nodes get verified and the bin learns; after that the measured rate rules. This is the drafter's
     confidence calibration: random-init models are flat but can be right, real models can be sharp but wrong."""
 
     EDGES = np.array([-3.0, -2.0, -1.5, -1.0, -0.7, -0.4, -0.2, -0.1, -0.04])  # log10 probability bin edges
 
-    def __init__(self, prior: float = 0.6, prior_weight: float = 2.0, decay: float = 0.98):
-        self.prior, self.prior_weight, self.decay = prior, prior_weight, decay
+    # Optimistic per-rank priors: a first child must look likely enough to be verified on a device where scoring
+    # 2 tokens costs 1.6x one (Qwen2.5-Coder-1.5B here), or its bin never gets evidence.
+    PRIORS = (0.9, 0.5, 0.3)
+
+    def __init__(self, prior_weight: float = 2.0, decay: float = 0.98):
+        self.prior, self.prior_weight, self.decay = np.array(self.PRIORS), prior_weight, decay
         self.accepted = np.zeros((self.RANKS, len(self.EDGES) + 1))
         self.reached = np.zeros((self.RANKS, len(self.EDGES) + 1))
 
@@ -95,7 +99,8 @@ class AcceptanceByProbability:
         """Estimated acceptance of a token drafted with probability `prob` as its parent's `rank`-th child (given
         the parent was accepted and the earlier siblings were not)."""
         b = self.bin(prob, rank)
-        return float((self.accepted[b] + self.prior * self.prior_weight) / (self.reached[b] + self.prior_weight))
+        prior = self.prior[b[0]]
+        return float((self.accepted[b] + prior * self.prior_weight) / (self.reached[b] + self.prior_weight))
 
     def update(self, probs, ranks, accepted) -> None:
         """Learn from nodes the target reached: draft probabilities, sibling ranks, whether each was accepted."""
