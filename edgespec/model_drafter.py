@@ -83,13 +83,12 @@ class AcceptanceByProbability:
     # Optimistic per-rank priors: a first child must look likely enough to be verified on a device where scoring
     # 2 tokens costs 1.6x one (Qwen2.5-Coder-1.5B here), or its bin never gets evidence.
     PRIORS = (0.9, 0.5, 0.3)
+    RANKS = len(PRIORS)  # first, second, later siblings
 
     def __init__(self, prior_weight: float = 2.0, decay: float = 0.98):
         self.prior, self.prior_weight, self.decay = np.array(self.PRIORS), prior_weight, decay
         self.accepted = np.zeros((self.RANKS, len(self.EDGES) + 1))
         self.reached = np.zeros((self.RANKS, len(self.EDGES) + 1))
-
-    RANKS = 3
 
     def bin(self, prob: float, rank: int = 0) -> tuple[int, int]:
         """Bin of a draft probability at a sibling rank."""
@@ -198,7 +197,7 @@ class ModelDrafter(Drafter):
         self._rng = np.random.default_rng()
         self._nodes: list[_Node] = []
         self._roots: list[int] = []  # the context's children among _nodes
-        self._rows: dict[int, np.ndarray] = {}  # logits after each scored node (-1: after the context)
+        self._dists: dict[int, np.ndarray] = {}  # sampling: draft distribution after each scored node (-1: context)
         self._stage_slots = 0
         self._base = 0
         self._gates = None
@@ -227,7 +226,7 @@ class ModelDrafter(Drafter):
         """A tree of at most `budget` nodes, grown best-first by the drafter's probabilities."""
         t0 = self._t_propose = time.perf_counter()
         self.counters["proposals"] += 1
-        self._nodes, self._roots, self._rows, self._stage_slots = [], [], {}, 0
+        self._nodes, self._roots, self._dists, self._stage_slots = [], [], {}, 0
         self._drafted = False
         if budget <= 0 or (self.target_cost is not None and not self.pays_off.should_draft()):
             return DraftTree.empty()
@@ -320,10 +319,7 @@ class ModelDrafter(Drafter):
         self._base = common + f
         self._cached = list(context)
         self._stage_slots = len(stage)
-        # stage items: (token, parent item or -1 for the context, slot after the context, logits after it)
-        items = [(int(tok), int(par), j, logits[1 + j])
-                 for j, (tok, par) in enumerate(zip(stage.tokens.tolist(), stage.parents.tolist()))]
-        return logits[0], items
+        return logits[0], self._stage_items(stage, 0, logits[1:])
 
     def _stage_tree(self, context, path, budget) -> DraftTree:
         if self.stage is None:
@@ -335,21 +331,27 @@ class ModelDrafter(Drafter):
             self.counters["stage_fed"] += len(tree)
         return tree
 
+    @staticmethod
+    def _stage_items(stage: DraftTree, first_slot: int, rows: np.ndarray) -> list[tuple]:
+        """A stage's scored guesses: (token, parent within the stage or -1, cache slot after the context, logits
+        after it), in the stage tree's order."""
+        return [(int(tok), int(par), first_slot + j, rows[j])
+                for j, (tok, par) in enumerate(zip(stage.tokens.tolist(), stage.parents.tolist()))]
+
     def _row_tokens(self) -> np.ndarray | None:
         """Token ids of a logits row's columns: None for the full vocabulary, the reduced draft head's ids."""
         return getattr(self.runner, "draft_head_tokens", None) if self.draft_head else None
 
-    def _children_of(self, row: np.ndarray) -> list[tuple[int, float, float]]:
+    def _children_of(self, row: np.ndarray, q: np.ndarray | None) -> list[tuple[int, float, float]]:
         """(token, draft probability, rank prior) of the children a scored node offers, in the order they are
-        tried. Greedy: the `width` most likely tokens (the prior is their probability). Sampling: `width` draws
-        without replacement from the draft distribution; the prior of the j-th draw is the j-th largest
-        probability, which does not depend on what was drawn."""
-        ids = self._row_tokens()
-        if self._config.is_greedy:
+        tried. Greedy (`q` None): the `width` most likely tokens (the prior is their probability). Sampling:
+        `width` draws without replacement from the draft distribution `q`; the prior of the j-th draw is the j-th
+        largest probability, which does not depend on what was drawn."""
+        if q is None:
+            ids = self._row_tokens()
             top, probs = softmax_top(row, self.width)
             tokens = ids[top] if ids is not None else top
             return [(int(t), float(p), float(p)) for t, p in zip(tokens, probs)]
-        q = self._draft_distribution(row)
         drawn = gumbel_top(q, self.width, self._rng)
         ranked = np.sort(q[np.argpartition(-q, len(drawn) - 1)[:len(drawn)]])[::-1] if len(drawn) else []
         return [(int(t), float(q[t]), float(r)) for t, r in zip(drawn, ranked)]
@@ -373,11 +375,11 @@ class ModelDrafter(Drafter):
         depth = self._nodes[parent].depth + 1 if parent >= 0 else 1
         if parent >= 0:
             self._nodes[parent].expanded = True
-            self._rows[parent] = row
-        elif not self._config.is_greedy:
-            self._rows[-1] = row
+        q = None
+        if not self._config.is_greedy:  # computed once: the children's draws and the tree's probs share it
+            q = self._dists[parent] = self._draft_distribution(row)
         previous = parent_sel
-        for rank, (token, prob, prior) in enumerate(self._children_of(row)):
+        for rank, (token, prob, prior) in enumerate(self._children_of(row, q)):
             rate = self.acceptance.rate(prob, rank)
             sel = min(parent_score * (rate if prior == prob else self.acceptance.rate(prior, rank)), previous)
             previous = sel  # below the parent and every earlier sibling
@@ -405,7 +407,7 @@ class ModelDrafter(Drafter):
             floor = scores[budget - 1] if len(scores) >= budget else 0.0  # children of nodes below it never make it
             open_nodes.sort(key=lambda i: (-self._nodes[i].score, i))
             pick = [i for i in open_nodes[:self.frontier] if self._nodes[i].score > floor]
-            pick = self._worth_a_forward(pick, time.perf_counter() - t_start)
+            pick = self._worth_a_forward(pick, scores, time.perf_counter() - t_start)
             if not pick:
                 return
             best_path = self._path_tokens(pick[0])
@@ -423,9 +425,7 @@ class ModelDrafter(Drafter):
             logits = self._forward(tokens, np.asarray(parents), None, past_visible=past_visible, positions=positions)
             for row, i in enumerate(pick):
                 self._nodes[i].slot = fed + row
-            items = [(int(tok), (par - len(pick)) if par >= len(pick) else -1, fed + len(pick) + j,
-                      logits[len(pick) + j])
-                     for j, (tok, par) in enumerate(zip(stage.tokens.tolist(), parents[len(pick):]))]
+            items = self._stage_items(stage, fed + len(pick), logits[len(pick):])
             fed += len(tokens)
             for row, i in enumerate(pick):
                 self._offer_children(i, logits[row], items if row == 0 else [], -1)
@@ -445,14 +445,13 @@ class ModelDrafter(Drafter):
             node = self._nodes[node].parent
         return path[::-1]
 
-    def _worth_a_forward(self, pick: list[int], elapsed: float) -> list[int]:
+    def _worth_a_forward(self, pick: list[int], chosen: list[float], elapsed: float) -> list[int]:
         """The prefix of `pick` whose expansion raises the expected tokens per second of this step (marginal value:
         expand while the expected tokens a forward adds, per second it adds in drafting and verification, beat the
-        step's current average). Without cost measurements yet, expand."""
+        step's current average). `chosen`: every node's estimate, best first. Without cost measurements, expand."""
         if self.forward_cost.seconds is None or self.target_cost is None or not pick:
             return pick
         cost = self.target_cost
-        chosen = sorted((n.sel for n in self._nodes), reverse=True)
         # the best the tree offers now: (1 + expected accepted) / (draft time + verification of the best prefix)
         expected, best_rate, best_n = 1.0, 1.0 / (elapsed + cost(1)), 0
         for n, est in enumerate(chosen, 1):
@@ -483,11 +482,10 @@ class ModelDrafter(Drafter):
         tokens = np.array([nodes[i].token for i in keep], np.int64)
         parents = np.array([index[nodes[i].parent] if nodes[i].parent >= 0 else -1 for i in keep], np.int64)
         scores = np.array([nodes[i].sel for i in keep])
-        self._tree_nodes = keep
         self.counters["nodes"] += len(keep)
         probs = None
         if not self._config.is_greedy:
-            probs = np.stack([self._draft_distribution(self._rows[nodes[i].parent]) for i in keep])
+            probs = np.stack([self._dists[nodes[i].parent] for i in keep])
         return DraftTree(tokens, parents, probs=probs, scores=scores)
 
     # ---- learning from the verification ----------------------------------------------------------------------
