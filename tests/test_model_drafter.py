@@ -266,15 +266,27 @@ def test_layer_search_turns_drafting_off_when_plain_is_faster():
 
 
 def test_drafting_sits_out_while_it_loses_and_probes_again():
-    pays = PaysOff(first_pause=2, max_pause=8)
+    pays = PaysOff(first_pause=2, max_pause=8, min_steps=4)
     drafted = []
     for step in range(60):
         if pays.should_draft():
             drafted.append(step)
             pays.observe(tokens=1, seconds=3.0, plain_seconds=1.0)  # a third of plain's rate
-    gaps = np.diff(drafted)
+    assert drafted[:4] == [0, 1, 2, 3]  # no verdict before min_steps drafted steps
+    gaps = np.diff(drafted[3:])
     assert gaps[0] == 3 and gaps.max() == 9 and pays.skipped > 40  # pauses double up to the cap, probes continue
     pays.restart()
     assert pays.should_draft()  # a new generation probes at once
-    pays.observe(tokens=5, seconds=2.0, plain_seconds=1.0)  # now it wins: keep drafting
+    for _ in range(4):
+        pays.observe(tokens=5, seconds=2.0, plain_seconds=1.0)  # now it wins: keep drafting
     assert all(pays.should_draft() for _ in range(5))
+
+
+def test_one_unlucky_step_does_not_stop_drafting():
+    pays = PaysOff(min_steps=3, margin=0.9)
+    pays.observe(tokens=1, seconds=3.0, plain_seconds=1.0)  # the first step is rejected outright
+    for _ in range(3):
+        assert pays.should_draft()
+        pays.observe(tokens=4, seconds=1.5, plain_seconds=1.0)
+    assert all(pays.should_draft() for _ in range(10)) and pays.skipped == 0
+
