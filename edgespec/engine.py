@@ -401,6 +401,8 @@ def make_drafter(spec: "str | Drafter | None", engine: Engine, ngram_cache=None,
     * "self", "self:exit=E", "self:skip=3,5,7" or "self:layers=0-13": the target itself with a subset of its
       layers (a bundle exported with --self-speculative); plain "self" picks the layer set online. Add
       ",head=full" to draft through the full LM head instead of the reduced one.
+    * "cross" or "cross:NAME": a drafter model with another tokenizer (OmniDraft-style cross-vocabulary drafting:
+      its text is translated into target tokens, with mappings learned online; see `edgespec.crossvocab`).
     * Stages joined by ">" compose (staged speculation): "ngram>draft" lets the n-gram caches draft for the
       drafter model, which drafts the tree for the target.
     """
@@ -442,8 +444,51 @@ def _make_stage(part: str, engine: Engine, stage: Drafter | None, ngram_cache, n
         from .model_drafter import self_drafter
 
         return self_drafter(engine, options, stage=stage)
-    raise ValueError(f"unknown drafter {part!r}: use 'ngram', 'draft[:NAME]', 'self[:...]', stages joined by '>', "
-                     "'none' or a Drafter instance")
+    if kind == "cross":
+        return _cross_drafter(engine, options or None, stage, ngram_cache)
+    raise ValueError(f"unknown drafter {part!r}: use 'ngram', 'draft[:NAME]', 'self[:...]', 'cross[:NAME]', stages "
+                     "joined by '>', 'none' or a Drafter instance")
+
+
+def _cross_drafter(engine: Engine, name: str | None, stage: Drafter | None, ngram_cache) -> Drafter:
+    """A drafter model with another tokenizer (OmniDraft-style cross-vocabulary drafting). A first-stage n-gram
+    drafter is rebuilt in the drafter's vocabulary (it drafts for the drafter). The learned mappings persist next
+    to the n-gram caches unless `ngram_cache` is False."""
+    from . import ngram
+    from .crossvocab import CrossVocabDrafter, open_cache, pair_fingerprint
+
+    drafters = engine.manifest.drafters()
+    if name is not None:
+        if name not in engine.manifest.models or name == engine.entry.name:
+            raise BundleError(f"bundle has no drafter {name!r} (drafters: {[d.name for d in drafters] or 'none'})")
+        entry = engine.manifest.models[name]
+    else:
+        others = [d for d in drafters if not _same_vocabulary(d, engine.entry)]
+        if not drafters:
+            raise BundleError(f"bundle {engine.manifest.root} has no drafter model: export one with "
+                              f"`edgespec export TARGET --drafter MODEL`")
+        entry = (others or drafters)[0]
+    if stage is not None and not isinstance(stage, ngram.NGramDrafter):
+        raise ValueError("a cross-vocabulary drafter takes only 'ngram' as its first stage")
+    try:
+        draft_tokenizer = Tokenizer(str(entry.tokenizer_path))
+    except ValueError as exc:
+        raise BundleError(f"drafter {entry.name!r}: {exc}") from None
+    if stage is not None:  # n-grams over the drafter's own token stream
+        stage = ngram.NGramDrafter(entry.vocab_size, fingerprint=ngram.tokenizer_fingerprint(entry.tokenizer_path),
+                                   recycling=False)
+    fingerprint = pair_fingerprint(entry.tokenizer_path, engine.entry.tokenizer_path)
+    path = None
+    if ngram_cache is not False:
+        root = os.environ.get("EDGESPEC_NGRAM_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "edgespec",
+                                                                    "ngram")
+        path = ngram.default_cache_path(root, f"{engine.entry.name}--{entry.name}-crossvocab", fingerprint)
+    cache = open_cache(path, fingerprint, entry.vocab_size, engine.entry.vocab_size)
+    runner = ModelRunner(entry, threads=engine.threads, max_context=min(engine.context_length, entry.context_length))
+    return CrossVocabDrafter(runner, draft_tokenizer, engine.tokenizer, engine.entry.vocab_size,
+                             name=f"cross:{entry.name}", bos_id=entry.bos_token_id if entry.add_bos else None,
+                             cache=cache, cache_path=path, fingerprint=fingerprint, stage=stage,
+                             target_cost=engine.verify_cost.cost)
 
 
 def _drafter_entry(engine: Engine, name: str | None) -> ModelEntry:
@@ -453,8 +498,8 @@ def _drafter_entry(engine: Engine, name: str | None) -> ModelEntry:
         if name not in engine.manifest.models or name == engine.entry.name:
             raise BundleError(f"bundle has no drafter {name!r} (drafters: {[d.name for d in drafters] or 'none'})")
         entry = engine.manifest.models[name]
-    elif drafters:
-        entry = drafters[0]
+    elif drafters:  # the first one sharing the tokenizer (others are for 'cross')
+        entry = next((d for d in drafters if _same_vocabulary(d, engine.entry)), drafters[0])
     else:
         raise BundleError(f"bundle {engine.manifest.root} has no drafter model: export one with "
                           f"`edgespec export TARGET --drafter MODEL`")
