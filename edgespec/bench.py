@@ -168,6 +168,8 @@ def _model_drafter_mode(spec: str, doc: str) -> ModeFn:
         stats["drafter_counters"] = {k: v - before.get(k, 0) for k, v in drafter.counters.items()}
         if getattr(drafter, "layer_search", None) is not None:
             stats["layers"] = drafter.layer_search.describe()
+        if getattr(drafter, "cache", None) is not None and hasattr(drafter.cache, "sizes"):
+            stats["learned_cache"] = drafter.cache.sizes()  # cross-vocabulary mappings learned so far
         return token_ids, stats
     mode.__doc__ = doc
     return mode
@@ -179,6 +181,46 @@ register_mode("staged")(_model_drafter_mode(
     "ngram>draft", "Staged speculation: the n-gram caches draft for the drafter model, which drafts for the target."))
 register_mode("self")(_model_drafter_mode(
     "self", "Self-speculation: the target drafts with a subset of its layers, chosen online."))
+register_mode("crossvocab")(_model_drafter_mode(
+    "cross", "Cross-vocabulary drafting: a drafter model with another tokenizer, translated through text and learned "
+             "mappings (OmniDraft-style)."))
+register_mode("crossstaged")(_model_drafter_mode(
+    "ngram>cross", "Staged cross-vocabulary drafting: n-grams (in the drafter's vocabulary) draft for the "
+                   "cross-vocabulary drafter, which drafts for the target."))
+
+
+def drafter_details(result: dict) -> list[str]:
+    """One line per model-drafter mode: its counters summed over prompts (forwards, nodes, accepted), the share
+    of drafted tokens that came from learned cross-vocabulary mappings, the learned cache's size at the end, and
+    the layer sets self-speculation chose (with how many prompts ended on each)."""
+    lines = []
+    for system in result["systems"]:
+        rows = [r for r in result["rows"] if r["system"] == system and "drafter_counters" in r.get("stats", {})]
+        if not rows:
+            continue
+        total: dict[str, float] = {}
+        for r in rows:
+            for k, v in r["stats"]["drafter_counters"].items():
+                if isinstance(v, (int, float)):
+                    total[k] = total.get(k, 0) + v
+        parts = [f"{k} {int(total[k])}" for k in ("proposals", "forwards", "nodes", "accepted") if k in total]
+        if total.get("nodes") and "learned_nodes" in total:
+            parts.append(f"drafted via learned mappings {total['learned_nodes'] / total['nodes']:.1%}")
+            if total.get("accepted"):
+                parts.append(f"accepted via learned mappings {total.get('accepted_learned', 0) / total['accepted']:.1%}")
+        if total.get("stage_fed"):
+            parts.append(f"stage tokens fed {int(total['stage_fed'])}, used {int(total.get('stage_used', 0))}")
+        cache = rows[-1]["stats"].get("learned_cache")
+        if cache:
+            parts.append("learned cache " + ", ".join(f"{k} {v}" for k, v in cache.items()))
+        layers = [r["stats"].get("layers") for r in rows if r["stats"].get("layers")]
+        if layers:
+            seen: dict[str, int] = {}
+            for value in layers:
+                seen[value] = seen.get(value, 0) + 1
+            parts.append("layer sets " + ", ".join(f"{k} ({n})" for k, n in seen.items()))
+        lines.append(f"- {system}: " + "; ".join(parts))
+    return lines
 
 
 def bench_gen_config(max_new_tokens: int) -> dict:
@@ -441,6 +483,9 @@ def render_markdown(result: dict) -> str:
         _md_table(*systems_table(result)),
         "",
     ]
+    details = drafter_details(result)
+    if details:
+        lines += ["Drafters (summed over prompts):", "", *details, ""]
     versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items() if v)
     if versions:
         lines += [f"Versions: {versions}.", ""]

@@ -304,3 +304,27 @@ def test_add_arguments_defaults():
     a = p.parse_args(["-b", "x"])
     assert (a.mode, a.per_category, a.max_new_tokens, a.peers, a.no_peers) == ("plain", 2, 128, "hf,llama.cpp", False)
     assert p.parse_args(["-b", "x", "--modes", "plain,ngram"]).mode == "plain,ngram"
+
+
+def test_drafter_details_sum_counters_and_name_layer_sets():
+    from edgespec.bench import drafter_details
+
+    def row(system, counters, **extra):
+        return {"system": system, "stats": {"drafter_counters": counters, **extra}}
+
+    result = {"systems": {"plain": {}, "crossvocab": {}, "self": {}},
+              "rows": [{"system": "plain", "stats": {}},
+                       row("crossvocab", {"proposals": 10, "forwards": 30, "nodes": 40, "accepted": 20,
+                                          "learned_nodes": 10, "accepted_learned": 5},
+                           learned_cache={"entries": 7, "direct": 5}),
+                       row("crossvocab", {"proposals": 10, "forwards": 30, "nodes": 40, "accepted": 20,
+                                          "learned_nodes": 30, "accepted_learned": 15},
+                           learned_cache={"entries": 9, "direct": 6}),
+                       row("self", {"proposals": 5, "forwards": 2, "nodes": 3, "accepted": 1}, layers="skip=7,8"),
+                       row("self", {"proposals": 5, "forwards": 2, "nodes": 3, "accepted": 1}, layers="skip=7,8")]}
+    lines = drafter_details(result)
+    assert len(lines) == 2
+    assert lines[0].startswith("- crossvocab: proposals 20; forwards 60; nodes 80; accepted 40")
+    assert "drafted via learned mappings 50.0%" in lines[0] and "accepted via learned mappings 50.0%" in lines[0]
+    assert "learned cache entries 9, direct 6" in lines[0]
+    assert lines[1].endswith("layer sets skip=7,8 (2)")

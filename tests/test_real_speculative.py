@@ -120,3 +120,36 @@ def test_model_drafters_greedy_equal_plain(spec, qwen_pair):
     if spec.endswith("draft"):
         assert tokens / steps > 2.0, "the fast-kernel copy of the target should get long runs accepted"
     assert engine.drafter.counters["forwards"] > 0
+
+
+@pytest.fixture(scope="module")
+def cross_pairs(tmp_path_factory):
+    """SmolLM2-135M (49k vocabulary) as the cross-vocabulary drafter of Qwen2.5-Coder-0.5B (152k) and of Gemma 3
+    270M (262k, SentencePiece with byte fallback)."""
+    from edgespec.export.bundle import ModelRequest, export_bundle
+
+    root = tmp_path_factory.mktemp("cross")
+    out = {}
+    for target in ("qwen2.5-coder-0.5b", "gemma3-270m"):
+        bundle = export_bundle(target, root / target, log=print, parity=False,
+                               drafters=[ModelRequest("smollm2-135m", "drafter")]).bundle
+        out[target] = bundle, edgespec.engine.load(bundle, threads=2, max_context=1024, drafter=None)
+    return out
+
+
+@pytest.mark.parametrize("target,spec", [("qwen2.5-coder-0.5b", "cross"), ("qwen2.5-coder-0.5b", "ngram>cross"),
+                                         ("gemma3-270m", "cross")])
+def test_cross_vocabulary_drafter_greedy_equals_plain(target, spec, cross_pairs):
+    """A drafter with another tokenizer leaves greedy output unchanged on real models, gets drafts accepted, and
+    learns mappings between the vocabularies."""
+    bundle, plain = cross_pairs[target]
+    engine = edgespec.engine.load(bundle, threads=2, max_context=1024, drafter=spec, ngram_cache=False)
+    engine.drafter.target_cost = None  # judge translation, not this machine's timing
+    for prompt in PROMPTS[1:4]:
+        ids = _chat_ids(plain, prompt)
+        want = plain.generate(ids, max_new_tokens=40, ignore_eos=True)
+        got = engine.generate(ids, max_new_tokens=40, ignore_eos=True)
+        assert_exact_or_near_tie(plain.entry, ids, want.token_ids, got.token_ids, f"{spec} {prompt[:30]!r}")
+    stats = engine.drafter.stats()
+    assert stats["accepted"] > 0.2 * stats["nodes"] > 5, stats  # long chains here: no cost-based stop
+    assert stats["cache"]["direct"] > 10, stats["cache"]
