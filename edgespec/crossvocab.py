@@ -388,9 +388,10 @@ class CrossVocabDrafter(Drafter):
             self._t_ids.append(int(token))
             self._t_ends.append(len(self._text))
 
-    def _sync(self) -> None:
+    def _sync(self) -> int:
         """Bring the drafter's cache in step with the text: keep what agrees, re-encode a short look-behind window
-        from a clean token boundary, feed only what differs (at least one token, for fresh logits)."""
+        from a clean token boundary, feed only what differs (at least one token, for fresh logits). Returns the
+        number of tokens fed."""
         text = self._text
         agree = _common_chars(self._d_text, text)
         k = bisect.bisect_right(self._d_ends, agree)  # cached tokens wholly inside the agreeing text
@@ -435,6 +436,7 @@ class CrossVocabDrafter(Drafter):
         self._d_starts += starts[m:]
         self._d_ends += ends[m:]
         self._d_text = text
+        return len(feed)
 
     def _truncate(self, keep: int) -> None:
         """Keep the first `keep` drafter tokens (after the BOS) in the cache."""
@@ -477,13 +479,15 @@ class CrossVocabDrafter(Drafter):
             self._extend_text(context)
             if not self._text:
                 return DraftTree.empty()
-            self._sync()
+            fed = self._sync()
             self._learn()
-            ids, probs, learned = self._draft(budget, t0)
+            t_sync = time.perf_counter()
+            ids, probs, learned = self._draft(budget, t_sync)
         except ContextOverflow:
             return DraftTree.empty()
         self._drafted = True
-        self._proposal_seconds = time.perf_counter() - t0
+        # a prompt's prefill is paid once per generation: the step's cost is judged without it
+        self._proposal_seconds = time.perf_counter() - (t_sync if fed > 8 else t0)
         if not ids:
             return DraftTree.empty()
         self._last = (ids, probs, learned)

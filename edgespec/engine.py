@@ -81,6 +81,9 @@ class GenerationResult:
     stats: GenerationStats = field(default_factory=GenerationStats)
 
 
+PLAIN_STEP_EVERY = 48  # speculative steps between two measured plain steps
+
+
 class Engine:
     """A loaded bundle: target runner, tokenizer and chat template."""
 
@@ -106,6 +109,7 @@ class Engine:
             raise ValueError(f"draft_budget must be an int >= 0, got {draft_budget!r}")
         self.draft_budget = draft_budget
         self.verify_cost = VerifyCost()  # forward time per number of scored tokens, measured as we go
+        self._steps_to_plain = 0  # speculative steps until the next plain (one-token) step is measured
         self.calibration = Calibration()  # how the drafter's acceptance estimates compare with what happens
         self.drafter: Drafter | None = make_drafter(drafter, self, ngram_cache=ngram_cache, ngram_static=ngram_static)
         self._warn_if_inexact_verification()
@@ -245,7 +249,9 @@ class Engine:
                 yield token
                 t = time.perf_counter()
                 logits = self._decode_step(token)
-                stats.decode_seconds += time.perf_counter() - t
+                seconds = time.perf_counter() - t
+                stats.decode_seconds += seconds
+                self.verify_cost.observe(1, seconds)
                 stats.steps += 1
                 token = self._choose(logits, config, rng)
         context = list(ids)
@@ -280,8 +286,14 @@ class Engine:
         t = time.perf_counter()
         room = self.context_length - len(context)  # slots left once the pending token is cached
         max_nodes = min(self.draft_budget, room)
+        # a plain step now and then keeps the cost of scoring one token measured (what drafting must beat); it is
+        # not extrapolated from multi-token forwards, which take another kernel path on CPUs
+        self._steps_to_plain -= 1
+        if 1 not in self.verify_cost.seconds or self._steps_to_plain < 0:
+            max_nodes, self._steps_to_plain = 0, PLAIN_STEP_EVERY
         max_depth = min(remaining - 1, room)  # accepted + bonus never exceed what the caller can take
-        tree = self.drafter.propose(context, max_nodes) if max_nodes > 0 and max_depth > 0 else DraftTree.empty()
+        # always asked (with no budget when no node can be verified), so the drafter knows this step was not its own
+        tree = self.drafter.propose(context, max_nodes if max_depth > 0 else 0)
         stats.draft_seconds += time.perf_counter() - t
         if not isinstance(tree, DraftTree):
             raise TypeError(f"drafter {self.drafter.name!r} returned {type(tree).__name__}, not a DraftTree")

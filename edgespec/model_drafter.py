@@ -132,12 +132,12 @@ class PaysOff:
     """Is drafting paying on this context? A decaying average of tokens per second over drafted steps (accepted +
     bonus over draft + verification time) against plain decoding (one token per target step). It judges only on
     evidence: after `min_steps` drafted steps of this generation (one unlucky step proves nothing, and the
-    acceptance estimates are still learning then). While drafting loses by more than `margin` (tokens per second
+    acceptance estimates are still learning then). While drafting loses (tokens per second
     below margin x plain's), the drafter sits out `pause` steps (plain decoding, no drafter forward at all), then
     probes once; the pause doubles while probes keep losing (up to `max_pause`) and resets when drafting wins. A
     new generation starts judging afresh."""
 
-    def __init__(self, decay: float = 0.8, first_pause: int = 4, max_pause: int = 64, margin: float = 0.9,
+    def __init__(self, decay: float = 0.8, first_pause: int = 4, max_pause: int = 64, margin: float = 1.0,
                  min_steps: int = 4):
         self.decay, self.first_pause, self.max_pause, self.margin = decay, first_pause, max_pause, margin
         self.min_steps = min_steps

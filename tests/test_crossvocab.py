@@ -233,13 +233,14 @@ def test_drafter_context_stays_in_step_with_the_text(cross_bundles, cross_plain)
     original = drafter._sync
 
     def checked_sync():
-        original()
+        fed = original()
         ids = drafter.draft_tok.encode(drafter._text)
         assert drafter._d_ids == ids
         fresh.reset()
         prefix = [drafter.bos_id] if drafter.bos_id is not None else []
         np.testing.assert_allclose(drafter._logits, fresh.prefill(prefix + ids), atol=2e-3)
         checks.append(len(ids))
+        return fed
 
     drafter._sync = checked_sync
     ids, _ = cross_plain["metaspace", 2]

@@ -432,3 +432,31 @@ def test_int8_activation_bundles_warn_that_speculation_is_not_exact(tiny_bundles
         load(tiny_bundles["qwen2"], drafter=RandomDrafter(16))  # exact bundle: no warning
     with pytest.warns(UserWarning, match="accuracy level 4"):
         engine.set_drafter(RandomDrafter(16))
+
+
+def test_engine_measures_a_plain_step_now_and_then(tiny_bundles, monkeypatch):
+    """The cost of scoring one token (what drafting must beat) is measured, not extrapolated: the first step of a
+    drafting engine, and one every PLAIN_STEP_EVERY steps, asks the drafter for nothing."""
+    import edgespec.engine as engine_module
+
+    monkeypatch.setattr(engine_module, "PLAIN_STEP_EVERY", 5)
+
+    class Recorder(Drafter):
+        name = "recorder"
+
+        def __init__(self):
+            self.budgets = []
+
+        def propose(self, context, budget):
+            self.budgets.append(budget)
+            return DraftTree.empty()
+
+    drafter = Recorder()
+    engine = load(tiny_bundles["qwen2"], threads=1, drafter=drafter, draft_budget=4)
+    engine.generate("The quick", max_new_tokens=16, ignore_eos=True)
+    assert 1 in engine.verify_cost.seconds
+    assert drafter.budgets[0] == 0 and drafter.budgets[1] == 4
+    assert [i for i, b in enumerate(drafter.budgets[:-1]) if b == 0] == [0, 6, 12]
+    plain = load(tiny_bundles["qwen2"], threads=1, drafter=None)
+    plain.generate("The quick", max_new_tokens=4, ignore_eos=True)
+    assert 1 in plain.verify_cost.seconds  # plain decoding measures it too
