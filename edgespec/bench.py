@@ -630,7 +630,7 @@ def run_mode_job(job: dict, engine=None) -> dict:
     t = time.perf_counter()
     if engine is None:
         engine = load(job["bundle"], threads=job["threads"], max_context=job["max_context"], drafter=None,
-                      draft_budget=job.get("draft_budget", 16))
+                      draft_budget=job.get("draft_budget", 16), history=False)
         engine.bench_ngram_static = job.get("ngram_static")
     load_seconds = time.perf_counter() - t
     entry = engine.entry

@@ -89,7 +89,7 @@ class Engine:
 
     def __init__(self, manifest: Manifest, threads: int | None = None, max_context: int | None = None,
                  model: str | None = None, drafter: "str | Drafter | None" = None, draft_budget: int = 16,
-                 ngram_cache=None, ngram_static=None):
+                 ngram_cache=None, ngram_static=None, history=None):
         self.manifest = manifest
         self.entry: ModelEntry = manifest.models[model] if model else manifest.target_model
         self.threads = threads or default_threads()
@@ -113,6 +113,7 @@ class Engine:
         self.calibration = Calibration()  # how the drafter's acceptance estimates compare with what happens
         self.drafter: Drafter | None = make_drafter(drafter, self, ngram_cache=ngram_cache, ngram_static=ngram_static)
         self._warn_if_inexact_verification()
+        self.history = _session_log(history, manifest.root, self.entry.name)
 
     # ---- public API -------------------------------------------------------------------------------------------
     @property
@@ -217,6 +218,17 @@ class Engine:
         logits = self.runner.prefill(ids[common:])
         self._cached_ids = list(ids)
         return logits
+
+    def _log(self, prompt_ids: list[int], output_ids: list[int]) -> None:
+        """Append the prompt and output to the session history (for `edgespec adapt`); a failed write warns."""
+        if self.history is None or not output_ids:
+            return
+        try:
+            self.history.append(self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
+                                self.tokenizer.decode(output_ids, skip_special_tokens=False),
+                                prompt_ids, output_ids, self.entry.name)
+        except OSError as exc:
+            warnings.warn(f"session history {self.history.path} not written: {exc}", UserWarning, stacklevel=3)
 
     def _decode_step(self, token: int) -> np.ndarray:
         """Append one token and return the logits that follow it."""
@@ -399,6 +411,7 @@ class Engine:
             stats.new_tokens = len(out_ids)
             stats.total_seconds = time.perf_counter() - t0
             self.last_stats = stats
+            self._log(ids, out_ids)
         return GenerationResult(text="", token_ids=out_ids, finish_reason=finish, stats=stats)
 
 
@@ -534,14 +547,28 @@ def _same_vocabulary(a: ModelEntry, b: ModelEntry) -> bool:
 
 def load(bundle_dir, threads: int | None = None, max_context: int | None = None, model: str | None = None,
          drafter: "str | Drafter | None" = "ngram", draft_budget: int = 16, ngram_cache=None,
-         ngram_static=None) -> Engine:
+         ngram_static=None, history=None) -> Engine:
     """Load a bundle folder and return an Engine for its target (or the named model).
 
     Decoding is speculative with the n-gram drafter by default (exact: greedy output is the target's own greedy
     output); `drafter=None` gives plain decoding. `draft_budget` caps the draft tree's nodes per step.
+    `history`: where each prompt and output is logged for `edgespec adapt` (None: the default file under
+    $EDGESPEC_HISTORY_DIR, unless EDGESPEC_HISTORY=0; False: no logging; or a path).
 
     >>> engine = edgespec.load("bundles/qwen")            # doctest: +SKIP
     >>> engine.generate("def add(a, b):", max_new_tokens=32).text   # doctest: +SKIP
     """
     return Engine(load_manifest(bundle_dir), threads=threads, max_context=max_context, model=model,
-                  drafter=drafter, draft_budget=draft_budget, ngram_cache=ngram_cache, ngram_static=ngram_static)
+                  drafter=drafter, draft_budget=draft_budget, ngram_cache=ngram_cache, ngram_static=ngram_static,
+                  history=history)
+
+
+def _session_log(history, bundle_root, target_name: str):
+    """The SessionLog for `history` (see `load`), or None when logging is off."""
+    from .history import SessionLog, default_history_path, history_enabled
+
+    if history is False or (history is None and not history_enabled()):
+        return None
+    if history is None or history is True:
+        return SessionLog(default_history_path(bundle_root, target_name))
+    return SessionLog(history)

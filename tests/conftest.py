@@ -127,15 +127,19 @@ def real_bundles(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def private_ngram_cache_dir(tmp_path_factory):
-    """Persistent n-gram caches of engines loaded with the defaults go to a session folder, not the home folder."""
+    """Persistent n-gram caches and session histories of engines loaded with the defaults go to session folders,
+    not the home folder."""
     folder = tmp_path_factory.mktemp("ngram-caches")
-    old = os.environ.get("EDGESPEC_NGRAM_DIR")
+    history = tmp_path_factory.mktemp("history")
+    saved = {name: os.environ.get(name) for name in ("EDGESPEC_NGRAM_DIR", "EDGESPEC_HISTORY_DIR")}
     os.environ["EDGESPEC_NGRAM_DIR"] = str(folder)
+    os.environ["EDGESPEC_HISTORY_DIR"] = str(history)  # session histories too
     yield folder
-    if old is None:
-        os.environ.pop("EDGESPEC_NGRAM_DIR", None)
-    else:
-        os.environ["EDGESPEC_NGRAM_DIR"] = old
+    for name, old in saved.items():
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def pytest_collection_modifyitems(config, items):

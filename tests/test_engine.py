@@ -478,3 +478,23 @@ def test_base_model_chat_fallback_is_announced(tiny_bundles, tmp_path):
     with _warnings.catch_warnings():
         _warnings.simplefilter("error")
         engine.render_chat([{"role": "user", "content": "Hi"}])  # said once, not on every turn
+
+
+def test_generations_are_logged_for_adaptation_unless_switched_off(tiny_bundles, tmp_path, monkeypatch):
+    from edgespec.history import read_history
+
+    log = tmp_path / "h.jsonl"
+    engine = load(tiny_bundles["qwen2"], threads=1, drafter=None, history=log)
+    result = engine.generate("The quick", max_new_tokens=6, ignore_eos=True)
+    engine.chat([{"role": "user", "content": "hi"}], max_new_tokens=4, ignore_eos=True)
+    records = read_history(log)
+    assert len(records) == 2
+    assert records[0]["output_ids"] == result.token_ids and records[0]["output"] == result.text
+    assert records[0]["prompt_ids"] == engine.encode("The quick") and records[0]["model"] == engine.entry.name
+    assert "<|im_start|>" in records[1]["prompt"]  # the rendered chat, special tokens kept
+    assert load(tiny_bundles["qwen2"], threads=1, drafter=None, history=False).history is None
+    monkeypatch.setenv("EDGESPEC_HISTORY", "0")
+    assert load(tiny_bundles["qwen2"], threads=1, drafter=None).history is None
+    monkeypatch.setenv("EDGESPEC_HISTORY", "1")
+    default = load(tiny_bundles["qwen2"], threads=1, drafter=None)
+    assert default.history is not None and default.history.path.name.endswith("--tiny-qwen2.jsonl")
