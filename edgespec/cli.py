@@ -1,4 +1,4 @@
-"""The `edgespec` command line: export, generate, chat, bench, info, models."""
+"""The `edgespec` command line: export, generate, chat, bench, info, models, ngram, adapt, add-drafter."""
 
 from __future__ import annotations
 
@@ -60,7 +60,7 @@ def _load_engine(args):
     cache = False if args.no_ngram_cache else args.ngram_cache
     return load(args.bundle, threads=args.threads, max_context=args.max_context,
                 drafter=None if args.drafter == "none" else args.drafter, draft_budget=args.draft_budget,
-                ngram_cache=cache, ngram_static=args.ngram_static)
+                ngram_cache=cache, ngram_static=args.ngram_static, history=False if args.no_history else None)
 
 
 def _stats_line(stats) -> str:
@@ -185,13 +185,16 @@ def _add_generation_args(p) -> None:
     p.add_argument("--truncate-prompt", action="store_true", help="keep the tail of a prompt over the context length")
     p.add_argument("--drafter", default="ngram", metavar="SPEC",
                    help="speculative drafter: ngram (default), draft[:NAME] (the bundle's drafter model), "
-                        "self[:exit=E|skip=a,b|layers=a-b] (the target with layers skipped), stages joined by '>' "
-                        "(ngram>draft), or none (plain decoding). Output is the same either way")
+                        "self[:exit=E|skip=a,b|layers=a-b] (the target with layers skipped), cross[:NAME] (a drafter "
+                        "with another tokenizer), stages joined by '>' (ngram>draft, ngram>cross), or none (plain "
+                        "decoding). Output is the same either way")
     p.add_argument("--draft-budget", type=int, default=16, help="draft tree nodes per step")
     p.add_argument("--ngram-cache", default=None, metavar="PATH",
                    help="persistent n-gram cache file (default: one per bundle under ~/.cache/edgespec/ngram)")
     p.add_argument("--no-ngram-cache", action="store_true", help="no persistent n-gram cache")
     p.add_argument("--ngram-static", default=None, metavar="CACHE", help="a cache built by `edgespec ngram build`")
+    p.add_argument("--no-history", action="store_true",
+                   help="do not log prompts and outputs for `edgespec adapt` (also: EDGESPEC_HISTORY=0)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .ngram import register_cli as ngram_cli
 
     ngram_cli(sub)
+    from .export.adapt import register_cli as adapt_cli  # adapt, add-drafter (torch only when they run)
+
+    adapt_cli(sub)
     return parser
 
 

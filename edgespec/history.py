@@ -171,10 +171,10 @@ def read_history(path: str | os.PathLike) -> list[dict]:
         data = path.read_bytes()
     except FileNotFoundError:
         raise FileNotFoundError(
-            f"no generation history at {path}: it is written while a bundle generates with history logging on "
-            f"(the engine's history option; logging is off when EDGESPEC_HISTORY is 0/off/false, and "
-            f"EDGESPEC_HISTORY_DIR moves the default folder); generate with the bundle first, or pass the file "
-            f"explicitly") from None
+            f"no generation history at {path}: it is written while the bundle generates with history logging on "
+            f"(the default: edgespec.load(bundle) logs to the default file, history=PATH elsewhere; history=False "
+            f"or EDGESPEC_HISTORY=0/off/false turns it off, EDGESPEC_HISTORY_DIR moves the default folder); "
+            f"generate with the bundle first, or pass the file explicitly") from None
     records = []
     for number, raw in enumerate(data.splitlines(), start=1):
         if not raw.strip():

@@ -193,20 +193,27 @@ def load_manifest(bundle_dir: str | os.PathLike, check_files: bool = True) -> Ma
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from None
+    return manifest_from_dict(root, raw, check_files, where=str(path))
+
+
+def manifest_from_dict(root: str | os.PathLike, raw, check_files: bool = True, where: str = "manifest") -> Manifest:
+    """Validate a manifest dictionary for the bundle folder `root` (what `load_manifest` does after reading the
+    file); lets a writer check a manifest before it replaces the one on disk. `where` names it in errors."""
+    root = Path(root)
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise BundleError(f"{path} is not an edgespec bundle manifest (format field must be {FORMAT!r})")
+        raise BundleError(f"{where} is not an edgespec bundle manifest (format field must be {FORMAT!r})")
     version = raw.get("schema_version")
     if version != SCHEMA_VERSION:
-        raise BundleError(f"{path}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
+        raise BundleError(f"{where}: schema_version {version!r} is not supported (this runtime reads {SCHEMA_VERSION})")
     models = raw.get("models")
     if not isinstance(models, dict) or not models:
-        raise BundleError(f"{path}: 'models' must be a non-empty object")
+        raise BundleError(f"{where}: 'models' must be a non-empty object")
     entries = {name: _model_entry(root, name, d, check_files) for name, d in models.items()}
     target = raw.get("target")
     if target not in entries:
-        raise BundleError(f"{path}: target {target!r} is not one of the models ({', '.join(entries)})")
+        raise BundleError(f"{where}: target {target!r} is not one of the models ({', '.join(entries)})")
     if entries[target].role != "target":
-        raise BundleError(f"{path}: model {target!r} is named as target but has role {entries[target].role!r}")
+        raise BundleError(f"{where}: model {target!r} is named as target but has role {entries[target].role!r}")
     return Manifest(root=root, target=target, models=entries, raw=raw)
 
 
