@@ -23,10 +23,11 @@ import datetime as dt
 import json
 import os
 import re
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Iterable
+
+from .runtimes.manifest import write_bytes_atomic
 
 HISTORY_VERSION = 1
 DEFAULT_MAX_BYTES = 64 << 20  # 64 MiB
@@ -80,21 +81,6 @@ def _record_line(prompt_text: str, output_text: str, prompt_ids: Iterable[int], 
         return (json.dumps(record, ensure_ascii=True) + "\n").encode("ascii")
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Replace `path` by `data` through a temporary file in the same folder and os.replace."""
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def newest_half(lines: list[bytes]) -> list[bytes]:
     """The newest half of `lines` (the last len // 2 of them)."""
     return lines[len(lines) - len(lines) // 2:] if len(lines) > 1 else []
@@ -138,7 +124,7 @@ class SessionLog:
         while lines and sum(map(len, lines)) + incoming > self.max_bytes:
             lines = newest_half(lines)
         data = b"".join(lines)
-        _write_atomic(self.path, data)
+        write_bytes_atomic(self.path, data)
         return len(data)
 
 

@@ -219,11 +219,17 @@ def manifest_from_dict(root: str | os.PathLike, raw, check_files: bool = True, w
 
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
     """Write JSON to `path` through a temporary file and an atomic rename."""
+    write_bytes_atomic(path, json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace `path` by `data`: a temporary file in the same folder, fsynced, then os.replace (the old file stays
+    intact if anything fails, and no temporary file is left behind)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

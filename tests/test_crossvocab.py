@@ -300,3 +300,17 @@ def test_cross_vocabulary_specs_and_errors(tiny_bundles, cross_bundles):
     engine = load(cross_bundles["metaspace"], threads=2, drafter="ngram>cross:meta", ngram_cache=False)
     assert engine.drafter.name == "ngram>cross:meta"
     assert engine.drafter.stage.vocab_size == engine.drafter.runner.entry.vocab_size  # n-grams in drafter ids
+
+
+@pytest.mark.parametrize("kind", ["mirror", "metaspace", "gemma"])
+def test_sampling_with_translated_drafts_equals_plain_sampling(kind, cross_bundles):
+    """The translated draft is verified as a deterministic proposal: the target draws each position's token from
+    the same random stream as plain sampling, so one seed gives the plain sampled output."""
+    plain = load(cross_bundles[kind], threads=2, drafter=None)
+    engine = load(cross_bundles[kind], threads=2, drafter="cross", draft_budget=8, ngram_cache=False)
+    engine.drafter.target_cost = None
+    for seed, prompt in enumerate(PROMPTS):
+        want = plain.generate(prompt, seed=seed, max_new_tokens=30, ignore_eos=True, temperature=0.9, top_k=20)
+        got = engine.generate(prompt, seed=seed, max_new_tokens=30, ignore_eos=True, temperature=0.9, top_k=20)
+        assert got.token_ids == want.token_ids, (kind, seed)
+    assert engine.drafter.counters["nodes"] > 0
