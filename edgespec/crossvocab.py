@@ -53,7 +53,7 @@ from .model_drafter import AcceptanceByProbability, ForwardCost, PaysOff
 from .ngram import MAGIC, CacheFileError, NGramCacheWarning, write_cache_file
 from .runtimes.runner import ContextOverflow, ModelRunner
 from .sampling import GenerationConfig
-from .text import StreamDecoder, Tokenizer
+from .text import StreamDecoder, Tokenizer, common_prefix_length
 
 CACHE_KIND = "crossvocab"
 CACHE_VERSION = 1
@@ -393,7 +393,7 @@ class CrossVocabDrafter(Drafter):
         from a clean token boundary, feed only what differs (at least one token, for fresh logits). Returns the
         number of tokens fed."""
         text = self._text
-        agree = _common_chars(self._d_text, text)
+        agree = common_prefix_length(self._d_text, text)
         k = bisect.bisect_right(self._d_ends, agree)  # cached tokens wholly inside the agreeing text
         r, backed = k, 0
         while r > 0 and backed < self.lookbehind:
@@ -663,20 +663,6 @@ class CrossVocabDrafter(Drafter):
         c["learned_share"] = round(c["learned_nodes"] / c["nodes"], 3) if c["nodes"] else 0.0
         c["cache"] = self.cache.sizes()
         return c
-
-
-def _common_chars(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    lo, hi = 0, n
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[:mid] == b[:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def _start_probs(d_ends: list[int], d_probs: list[float], t_ends: list[int]) -> list[float]:

@@ -268,8 +268,8 @@ class StopMatcher:
         return out
 
 
-def common_prefix_length(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
+def common_prefix_length(a: list[int] | str, b: list[int] | str) -> int:
+    """Length of the longest common prefix of two token lists (or two strings)."""
     limit = min(len(a), len(b))
     if a[:limit] == b[:limit]:
         return limit
