@@ -123,7 +123,17 @@ def register_mode(name: str):
 
 def _run(engine, prompt: str, gen_config: dict):
     result = engine.generate(prompt, **gen_config)
-    return result.token_ids, {**result.stats.to_dict(), "finish_reason": result.finish_reason}
+    stats = {**result.stats.to_dict(), "finish_reason": result.finish_reason}
+    if getattr(engine, "planner", None) is not None:
+        stats["plans"] = engine.plans()  # the plan per confidence bucket at the end of this prompt
+    return result.token_ids, stats
+
+
+def split_system(system: str) -> tuple[str, str | None, str | None]:
+    """`mode[@tree][~device]` -> (mode, tree policy or None, device profile or None)."""
+    rest, _, device = system.partition("~")
+    mode, _, tree = rest.partition("@")
+    return mode, tree or None, device or None
 
 
 @register_mode("plain")
@@ -483,6 +493,10 @@ def render_markdown(result: dict) -> str:
         _md_table(*systems_table(result)),
         "",
     ]
+    header, planned = planner_table(result)
+    if planned:
+        lines += ["Planner predictions against measurements (over the steps it planned; tok/s of those steps):", "",
+                  _md_table(header, planned), ""]
     details = drafter_details(result)
     if details:
         lines += ["Drafters (summed over prompts):", "", *details, ""]
@@ -502,7 +516,10 @@ def print_tables(result: dict, console=None) -> None:
         if not console.is_terminal:  # piped or redirected: no 80-column wrapping of the wide tables
             console = Console(width=200)
     for title, (header, rows) in (("Spec-Bench per category", category_table(result["summary"])),
-                                  ("systems (overall)", systems_table(result, notes=False))):
+                                  ("systems (overall)", systems_table(result, notes=False)),
+                                  ("planner predictions", planner_table(result))):
+        if not rows:
+            continue
         table = Table(title=title)
         for i, h in enumerate(header):
             table.add_column(h, justify="right" if i and h != "status" else "left")
@@ -626,11 +643,14 @@ def run_mode_job(job: dict, engine=None) -> dict:
     from .engine import load
 
     system = job.get("system")
+    mode, tree, device = split_system(system) if system else (None, None, None)
     n_new = job["max_new_tokens"]
     t = time.perf_counter()
     if engine is None:
+        device = device or job.get("device")
         engine = load(job["bundle"], threads=job["threads"], max_context=job["max_context"], drafter=None,
-                      draft_budget=job.get("draft_budget", 16), history=False)
+                      draft_budget=job.get("draft_budget", 16), history=False,
+                      device=None if device in (None, "none") else device, tree=tree or job.get("tree") or "auto")
         engine.bench_ngram_static = job.get("ngram_static")
     load_seconds = time.perf_counter() - t
     entry = engine.entry
@@ -638,7 +658,9 @@ def run_mode_job(job: dict, engine=None) -> dict:
               "load_rss_mb": current_rss_mb(), "threads": engine.threads, "context_length": engine.context_length,
               "model": {"name": entry.name, "architecture": entry.architecture, "source": dict(entry.source),
                         "quantization": dict(entry.quantization), "pad_token_id": entry.pad_token_id},
-              "rows": [], "prompts": [], "skipped": []}
+              "rows": [], "prompts": [], "skipped": [],
+              "device_profile": engine.profile.name if getattr(engine, "profile", None) is not None else None,
+              "tree_policy": getattr(engine, "tree", None)}
     prompts = []
     for q in job["questions"]:
         text = engine.render_chat([{"role": "user", "content": q["prompt"]}])
@@ -652,7 +674,7 @@ def run_mode_job(job: dict, engine=None) -> dict:
         result["prompts"].append({"question_id": q["question_id"], "category": q["category"], "ids": ids})
     if system is None or not prompts:
         return result
-    fn = MODES[system]
+    fn = MODES[mode]
     gen = bench_gen_config(n_new)
     try:
         for _ in range(job.get("warmup", 1)):
@@ -858,8 +880,9 @@ def run_bench(args, echo: Callable[[str], None] = _log) -> dict:
     """Run every mode and peer and return the full result (the dict --json writes)."""
     from .runtimes.runner import default_threads
 
-    modes = _split(args.mode)
-    unknown = [m for m in modes if m not in MODES]
+    modes = expand_modes(_split(args.mode), _split(getattr(args, "trees", None)),
+                         _split(getattr(args, "device", None)))
+    unknown = [m for m in modes if split_system(m)[0] not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {', '.join(unknown)}; available: {', '.join(MODES)}")
     peers = [] if args.no_peers else _split(args.peers)
@@ -875,6 +898,10 @@ def run_bench(args, echo: Callable[[str], None] = _log) -> dict:
     if not questions:
         raise ValueError("no Spec-Bench questions selected")
     threads = args.threads or default_threads()
+    devices = [d for d in _split(getattr(args, "device", None)) if d != "none"]
+    for device in devices:  # measured (or found) once here, so the workers find it cached
+        profile = prepare_device(args.bundle, device, threads)
+        echo(f"device profile {device}: {profile}")
     load_before = load_average()
     busy = load_before[0] - max((os.cpu_count() or threads) - threads, 0) if load_before else 0.0
     if busy >= 1.0:
@@ -885,7 +912,8 @@ def run_bench(args, echo: Callable[[str], None] = _log) -> dict:
 
     base_job = {"kind": "mode", "bundle": str(args.bundle), "threads": threads, "max_context": args.max_context,
                 "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "questions": questions,
-                "draft_budget": getattr(args, "draft_budget", 16), "ngram_static": getattr(args, "ngram_static", None)}
+                "draft_budget": getattr(args, "draft_budget", 16), "ngram_static": getattr(args, "ngram_static", None),
+                "device": devices[0] if len(devices) == 1 else None}
     systems: dict[str, dict] = {}
     rows: list[dict] = []
     prepared = None  # a mode result with the prompt ids
@@ -934,7 +962,7 @@ def run_bench(args, echo: Callable[[str], None] = _log) -> dict:
               "quantization": model_info.get("quantization"), "data": str(args.data),
               "per_category": args.per_category, "categories": categories, "limit": args.limit,
               "max_new_tokens": args.max_new_tokens, "threads": threads, "max_context": args.max_context,
-              "modes": modes, "peers": peers, "peer_model": args.peer_model, "warmup": args.warmup,
+              "modes": modes, "peers": peers, "devices": devices, "peer_model": args.peer_model, "warmup": args.warmup,
               "greedy": True, "batch_size": 1, "ignore_eos": True, "in_process": bool(args.in_process),
               "baseline": BASELINE}
     return {
@@ -948,6 +976,66 @@ def run_bench(args, echo: Callable[[str], None] = _log) -> dict:
         "rows": rows,
         "summary": summarize_rows(rows, BASELINE),
     }
+
+
+def expand_modes(modes: list[str], trees: list[str], devices: list[str]) -> list[str]:
+    """Systems to run: each speculative mode once per tree policy (`mode@tree`) and, with several device profiles,
+    once per profile (`mode@tree~device`); plain decoding once. Policies are checked here."""
+    from .engine import check_tree_policy
+
+    out: list[str] = []
+    for tree in trees:
+        check_tree_policy(tree)
+    for mode in modes:
+        base, tree, device = split_system(mode)
+        if tree is not None:
+            check_tree_policy(tree)
+        if base == BASELINE or tree is not None or not trees:
+            variants = [mode]
+        else:
+            variants = [f"{mode}@{t}" for t in trees]
+        if len(devices) > 1 and base != BASELINE and device is None:
+            variants = [f"{v}~{d}" for v in variants for d in devices]
+        out += [v for v in variants if v not in out]
+    return out
+
+
+def prepare_device(bundle, device: str, threads: int) -> str:
+    """Resolve a device profile once (measuring it when `auto` finds none); a line describing it."""
+    from .devices.profile import resolve_device
+    from .runtimes.manifest import load_manifest
+
+    manifest = load_manifest(bundle)
+    profile = resolve_device(device, manifest, threads, entry=manifest.target_model)
+    if profile is None:
+        return "none"
+    return (f"{profile.name} ({profile.threads} threads; one token "
+            f"{profile.verify_seconds(1, 512) * 1000:.0f} ms, 8 tokens {profile.verify_seconds(8, 512) * 1000:.0f} ms "
+            f"at 512 tokens of context)")
+
+
+def planner_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Per planned system: the planner's predicted tokens per step and tokens/s against the measured ones (over the
+    steps it planned), and the plans it ended with."""
+    header = ["system", "planned steps", "predicted τ", "measured τ", "predicted tok/s", "measured tok/s",
+              "last plans (bucket: nodes, widths)"]
+    rows = []
+    for system in result["systems"]:
+        mine = [r for r in result["rows"] if r["system"] == system and (r.get("stats") or {}).get("predicted_steps")]
+        if not mine:
+            continue
+
+        def total(key):
+            return sum(float(r["stats"].get(key) or 0.0) for r in mine)
+
+        steps = total("predicted_steps")
+        plans = (mine[-1]["stats"].get("plans") or [])
+        rows.append([system, str(int(steps)), _fmt(total("predicted_tokens") / steps, "tau"),
+                     _fmt(total("observed_tokens") / steps, "tau"),
+                     _fmt(ratio(total("predicted_tokens"), total("predicted_seconds")), "tps"),
+                     _fmt(ratio(total("observed_tokens"), total("observed_seconds")), "tps"),
+                     "; ".join(f"{p['bucket']}: {p['nodes']} {p['widths']}" for p in plans)])
+    return header, rows
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -968,7 +1056,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="threads for every system (default: the engine's)")
     parser.add_argument("--max-context", type=int, default=4096, help="engine context (prompt + new tokens must fit)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed short generations before measuring")
-    parser.add_argument("--draft-budget", type=int, default=16, help="draft tree nodes per step (speculative modes)")
+    parser.add_argument("--draft-budget", type=int, default=16, help="most draft tree nodes per step (speculative modes)")
+    parser.add_argument("--device", default="none", metavar="NAME|auto|FILE[,...]",
+                        help="device profile(s) sizing the draft trees (default none: costs measured while running); "
+                             "several: every speculative mode runs once per profile (cross-evaluation)")
+    parser.add_argument("--trees", default=None, metavar="POLICY[,...]",
+                        help="tree policies to compare, each speculative mode once per policy (auto, plan, scores, "
+                             "chain:K, tree:WxD); a mode can also name one itself: ngram@chain:4")
     parser.add_argument("--ngram-static", default=None, metavar="CACHE",
                         help="a static n-gram cache (edgespec ngram build) for the ngram mode")
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the full result here")

@@ -60,7 +60,8 @@ def _load_engine(args):
     cache = False if args.no_ngram_cache else args.ngram_cache
     return load(args.bundle, threads=args.threads, max_context=args.max_context,
                 drafter=None if args.drafter == "none" else args.drafter, draft_budget=args.draft_budget,
-                ngram_cache=cache, ngram_static=args.ngram_static, history=False if args.no_history else None)
+                ngram_cache=cache, ngram_static=args.ngram_static, history=False if args.no_history else None,
+                device=None if args.device == "none" else args.device, tree=args.tree)
 
 
 def _stats_line(stats) -> str:
@@ -188,13 +189,25 @@ def _add_generation_args(p) -> None:
                         "self[:exit=E|skip=a,b|layers=a-b] (the target with layers skipped), cross[:NAME] (a drafter "
                         "with another tokenizer), stages joined by '>' (ngram>draft, ngram>cross), or none (plain "
                         "decoding). Output is the same either way")
-    p.add_argument("--draft-budget", type=int, default=16, help="draft tree nodes per step")
+    p.add_argument("--draft-budget", type=int, default=16, help="most draft tree nodes per step")
+    _add_device_args(p)
     p.add_argument("--ngram-cache", default=None, metavar="PATH",
                    help="persistent n-gram cache file (default: one per bundle under ~/.cache/edgespec/ngram)")
     p.add_argument("--no-ngram-cache", action="store_true", help="no persistent n-gram cache")
     p.add_argument("--ngram-static", default=None, metavar="CACHE", help="a cache built by `edgespec ngram build`")
     p.add_argument("--no-history", action="store_true",
                    help="do not log prompts and outputs for `edgespec adapt` (also: EDGESPEC_HISTORY=0)")
+
+
+def _add_device_args(p) -> None:
+    """--device and --tree (shared by generate, chat and bench)."""
+    p.add_argument("--device", default="auto", metavar="NAME|auto|FILE|none",
+                   help="device profile sizing the draft trees: auto (this device's profile for the bundle and thread "
+                        "count; measured quickly on first use and cached, see `edgespec profile`), a profile name or "
+                        "file, or none (costs measured while generating)")
+    p.add_argument("--tree", default="auto", metavar="POLICY",
+                   help="draft tree sizing: auto (plan from the device profile), plan, scores (cut by the drafter's "
+                        "estimates), or a fixed shape chain:K / tree:WxD")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -261,6 +274,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .export.adapt import register_cli as adapt_cli  # adapt, add-drafter (torch only when they run)
 
     adapt_cli(sub)
+    from .devices.profile import register_cli as profile_cli
+
+    profile_cli(sub)
     return parser
 
 

@@ -311,6 +311,8 @@ class CrossVocabDrafter(Drafter):
     `target_cost(T)`: the target's forward time for T tokens (the engine's VerifyCost) for the stop rule;
     `max_draft_tokens`: drafter tokens per proposal at most; `lookbehind`: drafter tokens re-encoded per step."""
 
+    dynamic = True  # grows its own tree by probability: a plan gives it a node count and depth, not a shape
+
     def __init__(self, runner: ModelRunner, draft_tokenizer: Tokenizer, target_tokenizer: Tokenizer,
                  target_vocab_size: int, *, name: str = "cross", bos_id: int | None = None,
                  cache: CrossVocabCache | None = None, cache_path=None, fingerprint: str = "",

@@ -174,6 +174,7 @@ class Drafter:
     """Base class of drafters: override `propose` (and `observe` to learn)."""
 
     name = "none"
+    dynamic = False  # True: grows its own tree by probability (gets a plan's node count, not its exact shape)
 
     def start(self, prompt_ids: list[int], config: GenerationConfig) -> None:
         """A generation begins from `prompt_ids` with `config` (sampling drafters read temperature etc.)."""

@@ -18,9 +18,10 @@ from typing import Iterator
 
 import numpy as np
 
-from .budget import Calibration, VerifyCost, choose_nodes
+from .budget import Calibration, ProfileCost, VerifyCost, choose_nodes
 from .chat import render_chat
 from .drafting import DraftTree, Drafter, VerifiedStep
+from .planner import Planner, StepPrediction, fit_to_shape, fixed_shape, rank_paths
 from .runtimes.manifest import BundleError, Manifest, ModelEntry, load_manifest
 from .runtimes.runner import ContextOverflow, ModelRunner, default_threads
 from .sampling import GenerationConfig, greedy, process_logits, sample
@@ -44,6 +45,12 @@ class GenerationStats:
     draft_seconds: float = 0.0  # inside the drafter (propose and observe)
     verify_seconds: float = 0.0  # target forwards of the decode phase
     bookkeeping_seconds: float = 0.0  # tree checks, acceptance, KV commit
+    # the tree planner's predictions for its steps, and what those steps produced (how good the model is)
+    predicted_steps: int = 0
+    predicted_tokens: float = 0.0
+    predicted_seconds: float = 0.0
+    observed_tokens: int = 0
+    observed_seconds: float = 0.0
     time_to_first_token: float = 0.0
     total_seconds: float = 0.0
 
@@ -82,6 +89,18 @@ class GenerationResult:
 
 
 PLAIN_STEP_EVERY = 48  # speculative steps between two measured plain steps
+TREE_POLICIES = ("auto", "plan", "scores")  # besides fixed shapes: chain:K, tree:WxD
+
+
+def check_tree_policy(tree: str) -> str:
+    """Validate a tree policy: "auto" (plan with a device profile, else scores), "plan" (Sequoia-style plan from
+    measured costs and acceptance), "scores" (cut each proposal by the drafter's own estimates) or a fixed shape
+    ("chain:K", "tree:WxD")."""
+    if not isinstance(tree, str):
+        raise TypeError(f"tree must be a string, got {type(tree).__name__}")
+    if tree not in TREE_POLICIES:
+        fixed_shape(tree)  # raises ValueError naming the accepted forms
+    return tree
 
 
 class Engine:
@@ -89,7 +108,7 @@ class Engine:
 
     def __init__(self, manifest: Manifest, threads: int | None = None, max_context: int | None = None,
                  model: str | None = None, drafter: "str | Drafter | None" = None, draft_budget: int = 16,
-                 ngram_cache=None, ngram_static=None, history=None):
+                 ngram_cache=None, ngram_static=None, history=None, device=None, tree: str = "auto"):
         self.manifest = manifest
         self.entry: ModelEntry = manifest.models[model] if model else manifest.target_model
         self.threads = threads or default_threads()
@@ -100,6 +119,11 @@ class Engine:
         if self.tokenizer.vocab_size > self.entry.vocab_size:
             raise BundleError(f"tokenizer {self.entry.tokenizer_path} has {self.tokenizer.vocab_size} tokens but the "
                              f"model's vocabulary is {self.entry.vocab_size}: wrong tokenizer for this model")
+        self.tree = check_tree_policy(tree)
+        # the device profile (measured verification costs) drives the tree plan; without one, costs are measured as
+        # we go
+        self.profile = _resolve_profile(device, manifest, self.entry, self.threads)
+        _check_memory(manifest, [self.entry], max_context, self.profile)
         self.runner = ModelRunner(self.entry, threads=self.threads, max_context=max_context)
         self._cached_ids: list[int] = []  # token ids whose K/V are committed in the runner's cache
         self._lock = threading.Lock()
@@ -108,10 +132,11 @@ class Engine:
         if not isinstance(draft_budget, int) or isinstance(draft_budget, bool) or draft_budget < 0:
             raise ValueError(f"draft_budget must be an int >= 0, got {draft_budget!r}")
         self.draft_budget = draft_budget
-        self.verify_cost = VerifyCost()  # forward time per number of scored tokens, measured as we go
+        self.verify_cost = ProfileCost(self.profile) if self.profile is not None else VerifyCost()
         self._steps_to_plain = 0  # speculative steps until the next plain (one-token) step is measured
         self.calibration = Calibration()  # how the drafter's acceptance estimates compare with what happens
         self.drafter: Drafter | None = make_drafter(drafter, self, ngram_cache=ngram_cache, ngram_static=ngram_static)
+        self.planner: Planner | None = self._make_planner()
         self._warn_if_inexact_verification()
         self.history = _session_log(history, manifest.root, self.entry.name)
 
@@ -182,6 +207,43 @@ class Engine:
         """Switch drafting: None or "none" (plain decoding), "ngram", or any Drafter instance."""
         self.drafter = make_drafter(drafter, self, **options)
         self.calibration = Calibration()  # what was learnt about the previous drafter's estimates does not carry over
+        self.planner = self._make_planner()
+
+    @property
+    def tree_policy(self) -> str:
+        """The tree policy in force: "plan", "scores" or a fixed shape ("auto" resolved)."""
+        if self.tree == "auto":
+            return "plan" if self.profile is not None else "scores"
+        return self.tree
+
+    def plans(self, context: int | None = None) -> list[dict]:
+        """The planner's current plan per confidence bucket (empty without a planner)."""
+        if self.planner is None:
+            return []
+        return self.planner.describe(len(self._cached_ids) if context is None else context)
+
+    def _make_planner(self) -> Planner | None:
+        if self.drafter is None or self.tree_policy != "plan":
+            return None
+        dynamic = bool(getattr(self.drafter, "dynamic", False))
+        return Planner(self._verify_seconds, self._draft_seconds if dynamic else None,
+                       max_nodes=min(self.draft_budget, 64), dynamic=dynamic)
+
+    def _verify_seconds(self, tokens: int, context: int) -> float:
+        """The target's forward time for `tokens` tokens at `context` (the profile's, else measured online)."""
+        if self.profile is not None:
+            return self.profile.verify_seconds(tokens, context)
+        return self.verify_cost.cost(tokens)
+
+    def _draft_seconds(self, depth: int, nodes: int) -> float:
+        """A model drafter's time for a tree `depth` deep: one forward per level (measured online, else from the
+        device profile's drafter measurements)."""
+        per_forward = getattr(getattr(self.drafter, "forward_cost", None), "seconds", None)
+        if per_forward is None and self.profile is not None:
+            entry = getattr(getattr(self.drafter, "runner", None), "entry", None)
+            if entry is not None and entry.name != self.entry.name:
+                per_forward = self.profile.drafter_seconds(entry.name, 4)
+        return depth * per_forward if per_forward else 0.0
         self._warn_if_inexact_verification()
 
     def _warn_if_inexact_verification(self) -> None:
@@ -292,31 +354,61 @@ class Engine:
                 drafter.finish(context)
                 stats.draft_seconds += time.perf_counter() - t
 
-    def _draft(self, context: list[int], remaining: int, stats: GenerationStats) -> DraftTree:
-        """Ask the drafter for a tree, checked and cut to the node budget, the tokens still wanted and the room left
-        in the context (the pending token and the tree must fit)."""
+    def _draft(self, context: list[int], remaining: int,
+               stats: GenerationStats) -> tuple[DraftTree, StepPrediction | None]:
+        """Ask the drafter for a tree and cut it to what this step verifies: the node budget, the tokens still
+        wanted, the room left in the context (the pending token and the tree must fit), and the tree policy (the
+        planner's plan for the proposal's confidence bucket, a fixed shape, or the drafter's scores against the
+        verification cost). Returns the tree and, under a plan, the planner's prediction for the step."""
         t = time.perf_counter()
         room = self.context_length - len(context)  # slots left once the pending token is cached
         max_nodes = min(self.draft_budget, room)
-        # a plain step now and then keeps the cost of scoring one token measured (what drafting must beat); it is
-        # not extrapolated from multi-token forwards, which take another kernel path on CPUs
-        self._steps_to_plain -= 1
-        if 1 not in self.verify_cost.seconds or self._steps_to_plain < 0:
-            max_nodes, self._steps_to_plain = 0, PLAIN_STEP_EVERY
+        if isinstance(self.verify_cost, ProfileCost):
+            self.verify_cost.context = len(context)
+        else:
+            # a plain step now and then keeps the cost of scoring one token measured (what drafting must beat); it
+            # is not extrapolated from multi-token forwards, which take another kernel path on CPUs
+            self._steps_to_plain -= 1
+            if 1 not in self.verify_cost.seconds or self._steps_to_plain < 0:
+                max_nodes, self._steps_to_plain = 0, PLAIN_STEP_EVERY
         max_depth = min(remaining - 1, room)  # accepted + bonus never exceed what the caller can take
+        if max_depth <= 0:
+            max_nodes = 0
+        policy = self.tree_policy
+        ask = max_nodes
+        if self.planner is not None and max_nodes:
+            wanted = self.planner.request(len(context))
+            # a static drafter (n-grams) grows best-first: ask for more than the plan, then fit its shape
+            ask = min(max_nodes, wanted if self.planner.dynamic else 3 * wanted)
+        elif policy not in TREE_POLICIES and max_nodes:
+            ask = min(max_nodes, 3 * len(self._fixed_paths()))
         # always asked (with no budget when no node can be verified), so the drafter knows this step was not its own
-        tree = self.drafter.propose(context, max_nodes if max_depth > 0 else 0)
+        tree = self.drafter.propose(context, ask)
         stats.draft_seconds += time.perf_counter() - t
         if not isinstance(tree, DraftTree):
             raise TypeError(f"drafter {self.drafter.name!r} returned {type(tree).__name__}, not a DraftTree")
         tree.validate(self.entry.vocab_size)
-        if not len(tree):
-            return tree
-        tree = tree.prune(max_nodes, max_depth)
-        if tree.scores is not None:  # keep only as many nodes as pay off at this device's verification cost
+        prediction = None
+        if len(tree):
+            tree = tree.prune(max_nodes, max_depth)
+        if self.planner is not None:
+            if len(tree):
+                tree, prediction = self.planner.fit(tree, len(context))
+            else:
+                prediction = self.planner.predict(tree, 0, len(context))
+        elif not len(tree):
+            pass
+        elif policy not in TREE_POLICIES:
+            tree = fit_to_shape(tree, self._fixed_paths())
+        elif tree.scores is not None:  # keep only as many nodes as pay off at this device's verification cost
             adjusted = self.calibration.adjust(tree.scores, tree.parents)
             tree = tree.subtree(choose_nodes(adjusted, tree.parents, self.verify_cost.cost))
-        return tree
+        return tree, prediction
+
+    def _fixed_paths(self) -> frozenset:
+        if getattr(self, "_fixed", (None,))[0] != self.tree:
+            self._fixed = (self.tree, frozenset(rank_paths(fixed_shape(self.tree))))
+        return self._fixed[1]
 
     def _speculate_step(self, context: list[int], config: GenerationConfig, rng, stats: GenerationStats,
                         remaining: int) -> tuple[list[int], int]:
@@ -327,7 +419,7 @@ class Engine:
         token); the bonus is the new pending token."""
         t0 = time.perf_counter()
         draft_before, verify_before = stats.draft_seconds, stats.verify_seconds
-        tree = self._draft(context, remaining, stats)
+        tree, prediction = self._draft(context, remaining, stats)
         pending = context[-1]
         fed_tokens = np.concatenate([[pending], tree.tokens]).astype(np.int64)
         fed_parents = np.concatenate([[-1], np.where(tree.parents < 0, 0, tree.parents + 1)]).astype(np.int64)
@@ -341,6 +433,8 @@ class Engine:
         accepted = [int(tree.tokens[node]) for node in accepted_nodes]
         if tree.scores is not None and len(tree):
             self.calibration.update(tree.scores, tree.parents, accepted_nodes)
+        if prediction is not None:
+            self.planner.observe(tree, accepted_nodes, prediction.bucket)
         self._cached_ids.append(pending)
         self._cached_ids.extend(accepted)
         stats.drafted_tokens += len(tree)
@@ -349,8 +443,15 @@ class Engine:
         self.drafter.observe(VerifiedStep(fed_tokens, fed_parents, logits, accepted_nodes, accepted + [bonus],
                                           context_length=len(context)))
         stats.draft_seconds += time.perf_counter() - t
+        elapsed = time.perf_counter() - t0
         inner = (stats.draft_seconds - draft_before) + (stats.verify_seconds - verify_before)
-        stats.bookkeeping_seconds += time.perf_counter() - t0 - inner
+        stats.bookkeeping_seconds += elapsed - inner
+        if prediction is not None:
+            stats.predicted_steps += 1
+            stats.predicted_tokens += prediction.tokens
+            stats.predicted_seconds += prediction.seconds
+            stats.observed_tokens += len(accepted) + 1
+            stats.observed_seconds += elapsed
         return accepted, bonus
 
     def _prompt_ids(self, prompt: str | list[int], config: GenerationConfig | None = None) -> list[int]:
@@ -463,6 +564,7 @@ def _make_stage(part: str, engine: Engine, stage: Drafter | None, ngram_cache, n
         from .model_drafter import ModelDrafter
 
         entry = _drafter_entry(engine, options or None)
+        _check_memory(engine.manifest, [engine.entry, entry], engine.context_length, engine.profile)
         runner = ModelRunner(entry, threads=engine.threads, max_context=engine.context_length)
         return ModelDrafter(runner, name=f"draft:{entry.name}", stage=stage, target_cost=engine.verify_cost.cost)
     if kind == "self":
@@ -509,6 +611,7 @@ def _cross_drafter(engine: Engine, name: str | None, stage: Drafter | None, ngra
                                                                     "ngram")
         path = ngram.default_cache_path(root, f"{engine.entry.name}--{entry.name}-crossvocab", fingerprint)
     cache = open_cache(path, fingerprint, entry.vocab_size, engine.entry.vocab_size)
+    _check_memory(engine.manifest, [engine.entry, entry], engine.context_length, engine.profile)
     runner = ModelRunner(entry, threads=engine.threads, max_context=min(engine.context_length, entry.context_length))
     return CrossVocabDrafter(runner, draft_tokenizer, engine.tokenizer, engine.entry.vocab_size,
                              name=f"cross:{entry.name}", bos_id=entry.bos_token_id if entry.add_bos else None,
@@ -547,20 +650,44 @@ def _same_vocabulary(a: ModelEntry, b: ModelEntry) -> bool:
 
 def load(bundle_dir, threads: int | None = None, max_context: int | None = None, model: str | None = None,
          drafter: "str | Drafter | None" = "ngram", draft_budget: int = 16, ngram_cache=None,
-         ngram_static=None, history=None) -> Engine:
+         ngram_static=None, history=None, device=None, tree: str = "auto") -> Engine:
     """Load a bundle folder and return an Engine for its target (or the named model).
 
     Decoding is speculative with the n-gram drafter by default (exact: greedy output is the target's own greedy
     output); `drafter=None` gives plain decoding. `draft_budget` caps the draft tree's nodes per step.
     `history`: where each prompt and output is logged for `edgespec adapt` (None: the default file under
     $EDGESPEC_HISTORY_DIR, unless EDGESPEC_HISTORY=0; False: no logging; or a path).
+    `device`: the device profile whose measured verification costs size the draft trees: None (costs measured as
+    generation runs), "auto" (this device's profile for this bundle and thread count, measured quickly on first use
+    and cached), a profile name (`edgespec profile --list`), a profile file, or a DeviceProfile. `tree`: how draft
+    trees are sized: "auto" (planned from the profile when there is one, else cut by the drafter's scores), "plan",
+    "scores", or a fixed shape "chain:K" / "tree:WxD".
 
     >>> engine = edgespec.load("bundles/qwen")            # doctest: +SKIP
     >>> engine.generate("def add(a, b):", max_new_tokens=32).text   # doctest: +SKIP
     """
     return Engine(load_manifest(bundle_dir), threads=threads, max_context=max_context, model=model,
                   drafter=drafter, draft_budget=draft_budget, ngram_cache=ngram_cache, ngram_static=ngram_static,
-                  history=history)
+                  history=history, device=device, tree=tree)
+
+
+def _check_memory(manifest: Manifest, models: list[ModelEntry], max_context: int | None, profile) -> None:
+    """Refuse (MemoryBudgetError, naming a configuration that would fit) when `models` would not fit in the
+    available memory; see `edgespec.devices.check_memory`."""
+    from .devices.memory import check_memory
+
+    check_memory(manifest, models, max_context, profile=profile)
+
+
+def _resolve_profile(device, manifest: Manifest, entry: ModelEntry, threads: int):
+    """The DeviceProfile for `device` (see `load`), or None."""
+    if device is None or device is False:
+        return None
+    from .devices.profile import DeviceProfile, resolve_device
+
+    if isinstance(device, DeviceProfile):
+        return device
+    return resolve_device(str(device), manifest, threads, entry=entry)
 
 
 def _session_log(history, bundle_root, target_name: str):

@@ -186,6 +186,8 @@ class ModelDrafter(Drafter):
     the target's own (self-speculation): draft K/V are dropped after each proposal. `layer_search`: chooses the
     layer gates per proposal (self-speculation)."""
 
+    dynamic = True  # grows its own tree by probability: a plan gives it a node count and depth, not a shape
+
     def __init__(self, runner: ModelRunner, name: str = "draft", *, width: int = 3, frontier: int = 4,
                  max_forwards: int = 10, stage: Drafter | None = None, stage_budget: int = 8, target_cost=None,
                  shared_cache: bool = False, layer_search: "LayerSearch | None" = None, draft_head: bool = False,

@@ -127,13 +127,16 @@ def real_bundles(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def private_ngram_cache_dir(tmp_path_factory):
-    """Persistent n-gram caches and session histories of engines loaded with the defaults go to session folders,
-    not the home folder."""
+    """Persistent n-gram caches, session histories and device profiles of engines loaded with the defaults go to
+    session folders, not the home folder."""
     folder = tmp_path_factory.mktemp("ngram-caches")
     history = tmp_path_factory.mktemp("history")
-    saved = {name: os.environ.get(name) for name in ("EDGESPEC_NGRAM_DIR", "EDGESPEC_HISTORY_DIR")}
+    profiles = tmp_path_factory.mktemp("profiles")
+    saved = {name: os.environ.get(name) for name in ("EDGESPEC_NGRAM_DIR", "EDGESPEC_HISTORY_DIR",
+                                                     "EDGESPEC_PROFILES")}
     os.environ["EDGESPEC_NGRAM_DIR"] = str(folder)
     os.environ["EDGESPEC_HISTORY_DIR"] = str(history)  # session histories too
+    os.environ["EDGESPEC_PROFILES"] = str(profiles)  # and device profiles measured by `--device auto`
     yield folder
     for name, old in saved.items():
         if old is None:
