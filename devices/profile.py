@@ -45,6 +45,9 @@ QUICK_DRAFTER_SIZES = (1, 4)
 QUICK_REPEATS = 2
 CONTEXT_MARGIN = 64  # measured contexts stay this far (or the largest size) below the model's context length
 SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
+MAX_PROFILE_BYTES = 16 << 20  # a profile is a few kB; a bigger file is refused unread
+MAX_TOKENS = 1 << 24  # largest context or size a profile may list (the manifest's context_length limit)
+MAX_MS = 1e9  # a forward of more than 11 days is no measurement (and would overflow the interpolation)
 SAMPLE_TEXT = (
     "Speculative decoding lets a small draft propose several tokens that the large model checks in one pass. "
     "On a phone or a laptop the cost of that pass grows with the number of tokens, so the planner needs a table "
@@ -162,6 +165,18 @@ def _interpolate_sizes(sizes: list[int], values: list[float], tokens: float) -> 
     return float(np.interp(tokens, sizes, values))
 
 
+def nondecreasing(values: list[float]) -> list[float]:
+    """The least-squares non-decreasing fit of `values` (pool adjacent violators). Scoring more tokens never costs
+    less; a measured dip is noise, and a plan built on it would chase the noise."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for value in values:
+        blocks.append([float(value), 1.0])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            (m1, c1), (m2, c2) = blocks[-2], blocks[-1]
+            blocks[-2:] = [[(m1 * c1 + m2 * c2) / (c1 + c2), c1 + c2]]
+    return [mean for mean, count in blocks for _ in range(int(count))]
+
+
 def _check_tokens(tokens) -> int:
     if isinstance(tokens, bool) or not isinstance(tokens, (int, np.integer)) or tokens < 1:
         raise ValueError(f"tokens must be a positive int, got {tokens!r}")
@@ -204,12 +219,13 @@ class DeviceProfile:
         return self.key == bundle_key(entry)
 
     def verify_seconds(self, tokens: int, context: int) -> float:
-        """Seconds for the target to score `tokens` new tokens on top of `context` cached ones: linear in the
-        size between measured sizes (the line through the last two beyond them), linear in the context between
-        measured contexts, clamped outside them."""
+        """Seconds for the target to score `tokens` new tokens on top of `context` cached ones, from the measured
+        times made non-decreasing in the size (`nondecreasing`): linear in the size between measured sizes (the
+        line through the last two beyond them), linear in the context between measured contexts, clamped outside
+        them."""
         tokens = _check_tokens(tokens)
         contexts, sizes, ms = self.verify_ms["contexts"], self.verify_ms["sizes"], self.verify_ms["ms"]
-        rows = [_interpolate_sizes(sizes, row, tokens) for row in ms]
+        rows = [_interpolate_sizes(sizes, nondecreasing(row), tokens) for row in ms]
         if context <= contexts[0] or len(contexts) == 1:
             value = rows[0] if context <= contexts[0] else rows[-1]
         elif context >= contexts[-1]:
@@ -225,7 +241,7 @@ class DeviceProfile:
         entry = self.drafters.get(name)
         if entry is None:
             return None
-        return _interpolate_sizes(entry["sizes"], entry["ms"], tokens) / 1000.0
+        return _interpolate_sizes(entry["sizes"], nondecreasing(entry["ms"]), tokens) / 1000.0
 
     def summary(self) -> str:
         """One line: name, device, threads, model."""
@@ -256,7 +272,7 @@ class DeviceProfile:
 
 # ------------------------------------------------------------------------------------------------ validation
 def _fail(where: str, field_name: str, problem: str):
-    raise ProfileError(f"{where}: field {field_name!r} {problem}")
+    raise ProfileError(f"{where}: field {_r(field_name)} {problem}")
 
 
 def _get(d: dict, key: str, where: str, prefix: str = ""):
@@ -270,15 +286,29 @@ def _is_int(value) -> bool:
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _r(value, limit: int = 80) -> str:
+    """A short repr for an error message (a corrupt field may be huge)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an integer too long to print
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _ascending_ints(value, where: str, name: str) -> list[int]:
     if not isinstance(value, list) or not value:
-        _fail(where, name, f"must be a non-empty list of positive integers, got {value!r}")
+        _fail(where, name, f"must be a non-empty list of positive integers, got {_r(value)}")
     for item in value:
-        if not _is_int(item) or item < 1:
-            _fail(where, name, f"must hold positive integers, got {item!r}")
+        if not _is_int(item) or not 1 <= item <= MAX_TOKENS:
+            _fail(where, name, f"must hold integers in 1..{MAX_TOKENS}, got {_r(item)}")
     if any(b <= a for a, b in zip(value, value[1:])):
         _fail(where, name, f"must be strictly ascending, got {value}")
     return list(value)
@@ -286,17 +316,17 @@ def _ascending_ints(value, where: str, name: str) -> list[int]:
 
 def _positive_ms(value, where: str, name: str, length: int) -> list[float]:
     if not isinstance(value, list) or len(value) != length:
-        _fail(where, name, f"must be a list of {length} numbers (one per size), got {value!r}")
+        _fail(where, name, f"must be a list of {length} numbers (one per size), got {_r(value)}")
     for item in value:
-        if not _is_number(item) or item <= 0:
-            _fail(where, name, f"must hold finite positive milliseconds, got {item!r}")
+        if not _is_number(item) or not 0 < item <= MAX_MS:
+            _fail(where, name, f"must hold finite positive milliseconds (at most {MAX_MS:g}), got {_r(item)}")
     return [float(v) for v in value]
 
 
 def _optional_number(d: dict, key: str, where: str, prefix: str) -> float | None:
     value = d.get(key)
     if value is not None and (not _is_number(value) or value < 0):
-        _fail(where, prefix + key, f"must be a finite non-negative number or null, got {value!r}")
+        _fail(where, prefix + key, f"must be a finite non-negative number or null, got {_r(value)}")
     return value
 
 
@@ -324,10 +354,25 @@ def _parse_drafters(value, where: str) -> dict:
         ms = _positive_ms(_get(d, "ms", where, prefix), where, prefix + "ms", len(sizes))
         load_s = _get(d, "load_s", where, prefix)
         if not _is_number(load_s) or load_s < 0:
-            _fail(where, prefix + "load_s", f"must be a finite non-negative number, got {load_s!r}")
+            _fail(where, prefix + "load_s", f"must be a finite non-negative number, got {_r(load_s)}")
         out[name] = {"sizes": sizes, "ms": ms, "load_s": load_s,
                      "memory_mb": _optional_number(d, "memory_mb", where, prefix)}
     return out
+
+
+def _finite_everywhere(value, where: str, name: str, depth: int = 0) -> None:
+    """Informational objects (device, bundle) are kept as they are, so they may hold no NaN or infinity (the
+    profile could not be written back as JSON) and no deep nesting."""
+    if depth > 16:
+        _fail(where, name, "is nested too deeply")
+    if isinstance(value, float) and not math.isfinite(value):
+        _fail(where, name, f"must be a finite number, got {value!r}")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            _finite_everywhere(item, where, f"{name}.{key}", depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _finite_everywhere(item, where, f"{name}[{i}]", depth + 1)
 
 
 def _parse_profile(data, where: str) -> DeviceProfile:
@@ -337,47 +382,49 @@ def _parse_profile(data, where: str) -> DeviceProfile:
         _fail(where, "format", f"must be {FORMAT!r}, got {data.get('format')!r}: not a device profile")
     version = data.get("schema_version")
     if version != SCHEMA_VERSION:
-        _fail(where, "schema_version", f"is {version!r}; this runtime reads version {SCHEMA_VERSION}")
+        _fail(where, "schema_version", f"is {_r(version)}; this runtime reads version {SCHEMA_VERSION}")
     name = _get(data, "name", where)
     if not isinstance(name, str) or not name:
-        _fail(where, "name", f"must be a non-empty string, got {name!r}")
+        _fail(where, "name", f"must be a non-empty string, got {_r(name)}")
     created = _get(data, "created", where)
     if not isinstance(created, str):
-        _fail(where, "created", f"must be an ISO time string, got {created!r}")
+        _fail(where, "created", f"must be an ISO time string, got {_r(created)}")
     device = _get(data, "device", where)
     if not isinstance(device, dict):
         _fail(where, "device", "must be an object")
     device_id = _get(device, "device_id", where, "device.")
     if not isinstance(device_id, str) or not SLUG.match(device_id):
-        _fail(where, "device.device_id", f"must be a slug of [a-z0-9-], got {device_id!r}")
+        _fail(where, "device.device_id", f"must be a slug of [a-z0-9-], got {_r(device_id)}")
+    _finite_everywhere(device, where, "device")
     threads = _get(data, "threads", where)
-    if not _is_int(threads) or threads < 1:
-        _fail(where, "threads", f"must be a positive integer, got {threads!r}")
+    if not _is_int(threads) or not 1 <= threads <= 4096:
+        _fail(where, "threads", f"must be a positive integer, got {_r(threads)}")
     bundle = _get(data, "bundle", where)
     if not isinstance(bundle, dict):
         _fail(where, "bundle", "must be an object")
     for key in ("model", "key"):
         if not isinstance(_get(bundle, key, where, "bundle."), str) or not bundle[key]:
-            _fail(where, f"bundle.{key}", f"must be a non-empty string, got {bundle[key]!r}")
+            _fail(where, f"bundle.{key}", f"must be a non-empty string, got {_r(bundle[key])}")
     if not isinstance(bundle.get("quantization", {}), dict):
         _fail(where, "bundle.quantization", "must be an object")
+    _finite_everywhere(bundle, where, "bundle")
     graph_bytes = bundle.get("graph_bytes")
     if graph_bytes is not None and (not _is_int(graph_bytes) or graph_bytes < 0):
-        _fail(where, "bundle.graph_bytes", f"must be a non-negative integer, got {graph_bytes!r}")
+        _fail(where, "bundle.graph_bytes", f"must be a non-negative integer, got {_r(graph_bytes)}")
     load_s = _get(data, "load_s", where)
     if not _is_number(load_s) or load_s < 0:
-        _fail(where, "load_s", f"must be a finite non-negative number, got {load_s!r}")
+        _fail(where, "load_s", f"must be a finite non-negative number, got {_r(load_s)}")
     memory = data.get("memory", {})
     if not isinstance(memory, dict):
         _fail(where, "memory", "must be an object")
     memory = {key: _optional_number(memory, key, where, "memory.")
               for key in ("total_mb", "available_mb", "target_rss_mb", "bytes_per_file_byte")}
     repeats = data.get("repeats", DEFAULT_REPEATS)
-    if not _is_int(repeats) or repeats < 1:
-        _fail(where, "repeats", f"must be a positive integer, got {repeats!r}")
+    if not _is_int(repeats) or not 1 <= repeats <= 1 << 20:
+        _fail(where, "repeats", f"must be a positive integer, got {_r(repeats)}")
     quick = data.get("quick", False)
     if not isinstance(quick, bool):
-        _fail(where, "quick", f"must be true or false, got {quick!r}")
+        _fail(where, "quick", f"must be true or false, got {_r(quick)}")
     return DeviceProfile(name=name, created=created, device=dict(device), threads=threads, bundle=dict(bundle),
                          verify_ms=_parse_verify(_get(data, "verify_ms", where), where),
                          drafters=_parse_drafters(data.get("drafters", {}), where), load_s=load_s, memory=memory,
@@ -392,11 +439,16 @@ def load_profile(path: str | os.PathLike) -> DeviceProfile:
         raise FileNotFoundError(f"device profile {path} does not exist (make one with `edgespec profile --bundle "
                                 f"BUNDLE --output {path}`)")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ProfileError(f"{path}: not valid JSON ({exc})") from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_PROFILE_BYTES + 1)
     except OSError as exc:
         raise ProfileError(f"{path}: cannot read ({exc})") from None
+    if len(raw) > MAX_PROFILE_BYTES:
+        raise ProfileError(f"{path}: over {MAX_PROFILE_BYTES >> 20} MiB, not a device profile")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer too long to read, deep nesting
+        raise ProfileError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
     profile = _parse_profile(data, str(path))
     profile.name = path.stem
     return profile
@@ -577,8 +629,10 @@ def shipped_profiles_dir() -> Path:
 
 
 def default_profile_name(device_id: str, threads: int, key: str) -> str:
-    """`{device_id}-{threads}t-{key[:10]}`: the file stem of a profile in the user folder."""
-    return f"{device_id}-{threads}t-{key[:10]}"
+    """`{device_id}-{threads}t-{key[:10]}`: the file stem of a profile in the user folder (characters outside
+    [a-z0-9-] dropped, so that a profile read from elsewhere can never name a path outside the folder)."""
+    device = re.sub(r"[^a-z0-9-]+", "", str(device_id).lower()).strip("-") or "device"
+    return f"{device}-{int(threads)}t-{re.sub(r'[^a-z0-9]+', '', str(key).lower())[:10] or 'nokey'}"
 
 
 def default_profile_path(profile: DeviceProfile) -> Path:

@@ -58,10 +58,24 @@ def _load_engine(args):
     from .engine import load
 
     cache = False if args.no_ngram_cache else args.ngram_cache
+    if args.device == "auto":
+        _announce_profiling(args)
     return load(args.bundle, threads=args.threads, max_context=args.max_context,
                 drafter=None if args.drafter == "none" else args.drafter, draft_budget=args.draft_budget,
                 ngram_cache=cache, ngram_static=args.ngram_static, history=False if args.no_history else None,
                 device=None if args.device == "none" else args.device, tree=args.tree)
+
+
+def _announce_profiling(args) -> None:
+    """Say so (on stderr) when `--device auto` is about to measure this device for the first time."""
+    from .devices.profile import find_profile
+    from .runtimes.manifest import load_manifest
+    from .runtimes.runner import default_threads
+
+    manifest = load_manifest(args.bundle)
+    if find_profile(manifest, args.threads or default_threads()) is None:
+        _console().print("[dim]measuring this device for the bundle (first use; cached, see `edgespec profile "
+                         "--list`)...[/]", highlight=False)
 
 
 def _stats_line(stats) -> str:
@@ -277,6 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .devices.profile import register_cli as profile_cli
 
     profile_cli(sub)
+    from .server import register_cli as serve_cli  # serve, serve-bench (starlette only when they run)
+
+    serve_cli(sub)
     return parser
 
 

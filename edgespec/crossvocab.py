@@ -38,7 +38,6 @@ character axis and translates the drafter's guesses into target tokens:
 from __future__ import annotations
 
 import bisect
-import json
 import os
 import time
 import unicodedata
@@ -50,7 +49,7 @@ import numpy as np
 
 from .drafting import DraftTree, Drafter, VerifiedStep
 from .model_drafter import AcceptanceByProbability, ForwardCost, PaysOff
-from .ngram import MAGIC, CacheFileError, NGramCacheWarning, write_cache_file
+from .ngram import MAGIC, CacheFileError, NGramCacheWarning, read_cache_header, read_npz, write_cache_file
 from .runtimes.runner import ContextOverflow, ModelRunner
 from .sampling import GenerationConfig
 from .text import StreamDecoder, Tokenizer, common_prefix_length
@@ -206,24 +205,27 @@ class CrossVocabCache:
     @classmethod
     def load(cls, path, fingerprint: str, drafter_vocab: int, target_vocab: int, **options) -> "CrossVocabCache":
         """Read a cache file; raises CacheFileError naming what is wrong (another tokenizer pair, corrupt data)."""
-        try:
-            with np.load(path, allow_pickle=False) as archive:
-                header = json.loads(archive["header"].tobytes().decode("utf-8"))
-                arrays = {k: archive[k] for k in ("drafter_seq", "target_seq", "count")}
-        except Exception as exc:
-            raise CacheFileError(f"it is corrupt or not a cross-vocabulary cache ({type(exc).__name__}: {exc})") \
-                from None
-        if not isinstance(header, dict) or header.get("magic") != MAGIC or header.get("kind") != CACHE_KIND:
+        arrays = read_npz(path)  # sizes, dtypes (numbers only) and shapes checked before anything is read
+        header = read_cache_header(arrays, "cross-vocabulary cache")
+        if header.get("kind") != CACHE_KIND:
             raise CacheFileError("it is not an edgespec cross-vocabulary cache")
         if header.get("version") != CACHE_VERSION:
-            raise CacheFileError(f"it has version {header.get('version')!r}, this runtime reads {CACHE_VERSION}")
+            raise CacheFileError(f"it has version {str(header.get('version'))[:40]!r}, this runtime reads "
+                                 f"{CACHE_VERSION}")
         if header.get("fingerprint") != fingerprint:
             raise CacheFileError("it was built for another pair of tokenizers")
+        missing = [k for k in ("drafter_seq", "target_seq", "count") if k not in arrays]
+        if missing:
+            raise CacheFileError(f"it lacks the arrays {', '.join(missing)}")
         d, t, c = arrays["drafter_seq"], arrays["target_seq"], arrays["count"]
+        if any(a.dtype.kind not in "iu" for a in (d, t, c)):
+            raise CacheFileError("its arrays must hold integers")
         if d.ndim != 2 or d.shape[1] != MAX_UNIT or t.shape != d.shape or c.shape != (len(d),):
             raise CacheFileError("its arrays have inconsistent shapes")
-        if len(c) and (c.min() < 1 or d.max() >= drafter_vocab or t.max() >= target_vocab or d[:, 0].min() < 0
-                       or t[:, 0].min() < 0):
+        if len(c) > 2 * max(options.get("cap", 200_000), 1):
+            raise CacheFileError(f"it holds {len(c)} mappings, far over the cap")
+        if len(c) and (c.min() < 1 or c.max() >= 1 << 40 or d.max() >= drafter_vocab or t.max() >= target_vocab
+                       or d[:, 0].min() < 0 or t[:, 0].min() < 0):
             raise CacheFileError("it holds token ids or counts out of range")
         cache = cls(**options)
         for dk, tv, n in zip(d.tolist(), t.tolist(), c.tolist()):

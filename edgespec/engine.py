@@ -51,6 +51,7 @@ class GenerationStats:
     predicted_seconds: float = 0.0
     observed_tokens: int = 0
     observed_seconds: float = 0.0
+    stopped_early: bool = False  # the caller closed the stream (or cancelled) before the generation ended
     time_to_first_token: float = 0.0
     total_seconds: float = 0.0
 
@@ -126,7 +127,8 @@ class Engine:
         _check_memory(manifest, [self.entry], max_context, self.profile)
         self.runner = ModelRunner(self.entry, threads=self.threads, max_context=max_context)
         self._cached_ids: list[int] = []  # token ids whose K/V are committed in the runner's cache
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one generation at a time: other threads wait for it
+        self._closed = False
         self.last_stats: GenerationStats | None = None
         self._warned_no_template = False
         if not isinstance(draft_budget, int) or isinstance(draft_budget, bool) or draft_budget < 0:
@@ -196,8 +198,44 @@ class Engine:
         """Streaming form of `chat`."""
         return self.stream(self.render_chat(messages), **config)
 
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish with this engine: wait (up to `timeout` seconds) for a running generation, save the drafters'
+        persistent caches, and release the ONNX Runtime sessions. Later generations raise RuntimeError; closing
+        twice is harmless. Also `with edgespec.load(...) as engine:`."""
+        if not self._lock.acquire(timeout=timeout):
+            raise RuntimeError(f"engine still generating after {timeout:.0f} s: close the stream first")
+        try:
+            if self._closed:
+                return
+            self._closed = True
+            stage = self.drafter
+            while stage is not None:  # the drafter and its first stages
+                save = getattr(stage, "save", None)
+                if callable(save):
+                    try:
+                        save()
+                    except OSError as exc:
+                        warnings.warn(f"drafter {stage.name!r} cache not saved: {exc}", UserWarning, stacklevel=2)
+                stage = getattr(stage, "stage", None)
+            self.drafter = self.planner = None
+            self.runner = None  # the sessions go with the last reference
+        finally:
+            self._lock.release()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this engine is closed (Engine.close): load the bundle again")
+
     def reset(self) -> None:
         """Forget the cached prefix and the drafter's session state (a new conversation)."""
+        if self._closed:
+            return
         self.runner.reset()
         self._cached_ids = []
         if self.drafter is not None:
@@ -208,6 +246,7 @@ class Engine:
         self.drafter = make_drafter(drafter, self, **options)
         self.calibration = Calibration()  # what was learnt about the previous drafter's estimates does not carry over
         self.planner = self._make_planner()
+        self._warn_if_inexact_verification()
 
     @property
     def tree_policy(self) -> str:
@@ -244,7 +283,6 @@ class Engine:
             if entry is not None and entry.name != self.entry.name:
                 per_forward = self.profile.drafter_seconds(entry.name, 4)
         return depth * per_forward if per_forward else 0.0
-        self._warn_if_inexact_verification()
 
     def _warn_if_inexact_verification(self) -> None:
         """Bundles exported with int8 activations (`--accuracy-level` > 0) round a T-token forward differently from
@@ -459,6 +497,7 @@ class Engine:
 
         A prompt that does not fit raises ContextOverflow, unless `config.truncate_prompt` asks to keep its tail
         (room is left for min(max_new_tokens, half the context) new tokens)."""
+        self._check_open()
         ids = self.encode(prompt) if isinstance(prompt, str) else [int(i) for i in prompt]
         if not ids:
             raise ValueError("empty prompt")
@@ -484,36 +523,50 @@ class Engine:
             out_ids: list[int] = []
             finish = "length"
             t0 = time.perf_counter()
+            self._check_open()
             tokens = self._tokens(ids, config, stats, budget) if budget > 0 else iter(())
+            completed = False
             try:
-                for token in tokens:
-                    if not out_ids:
-                        stats.time_to_first_token = time.perf_counter() - t0
-                    if token in stop_ids:
-                        finish = "stop"
-                        break
-                    out_ids.append(token)
-                    piece = matcher.push(decoder.push(token))
-                    if piece:
-                        yield piece
-                    if matcher.stopped:
-                        finish = "stop"
-                        break
-                    if len(out_ids) >= budget:
-                        break
-            finally:
-                tokens.close() if hasattr(tokens, "close") else None
-            if not matcher.stopped:
-                tail = matcher.push(decoder.flush()) + (matcher.flush() if not matcher.stopped else "")
-                if tail:
-                    yield tail
+                finish = yield from self._pieces(tokens, stats, t0, stop_ids, decoder, matcher, out_ids, budget)
+                completed = True
+            finally:  # also when the caller closed the stream early: the stats and the history stay right
+                stats.new_tokens = len(out_ids)
+                stats.total_seconds = time.perf_counter() - t0
+                stats.stopped_early = not completed
+                self.last_stats = stats
+                self._log(ids, out_ids)
+        return GenerationResult(text="", token_ids=out_ids, finish_reason=finish, stats=stats)
+
+    def _pieces(self, tokens, stats: GenerationStats, t0: float, stop_ids: set[int], decoder: StreamDecoder,
+                matcher: StopMatcher, out_ids: list[int], budget: int):
+        """Text pieces of the token stream under the stop rules (EOS, stop strings, the budget); returns the finish
+        reason. Appends every kept token to `out_ids`."""
+        finish = "length"
+        try:
+            for token in tokens:
+                if not out_ids:
+                    stats.time_to_first_token = time.perf_counter() - t0
+                if token in stop_ids:
+                    finish = "stop"
+                    break
+                out_ids.append(token)
+                piece = matcher.push(decoder.push(token))
+                if piece:
+                    yield piece
                 if matcher.stopped:
                     finish = "stop"
-            stats.new_tokens = len(out_ids)
-            stats.total_seconds = time.perf_counter() - t0
-            self.last_stats = stats
-            self._log(ids, out_ids)
-        return GenerationResult(text="", token_ids=out_ids, finish_reason=finish, stats=stats)
+                    break
+                if len(out_ids) >= budget:
+                    break
+        finally:
+            tokens.close() if hasattr(tokens, "close") else None
+        if not matcher.stopped:
+            tail = matcher.push(decoder.flush()) + (matcher.flush() if not matcher.stopped else "")
+            if tail:
+                yield tail
+            if matcher.stopped:
+                finish = "stop"
+        return finish
 
 
 def make_drafter(spec: "str | Drafter | None", engine: Engine, ngram_cache=None, ngram_static=None) -> Drafter | None:

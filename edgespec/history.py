@@ -31,6 +31,8 @@ from .runtimes.manifest import write_bytes_atomic
 
 HISTORY_VERSION = 1
 DEFAULT_MAX_BYTES = 64 << 20  # 64 MiB
+MAX_LINE_BYTES = 16 << 20  # one record (prompt and output of one generation); longer lines are skipped unread
+MAX_TOKEN_ID = (1 << 31) - 1  # ids above it are no token of any tokenizer (and overflow tokenizers' u32)
 _OFF_VALUES = ("0", "off", "false")
 # field -> type every record must have (the writer writes all of them)
 _RECORD_FIELDS = {"v": int, "time": str, "model": str, "prompt": str, "output": str, "prompt_ids": list,
@@ -141,7 +143,7 @@ def _problem(record) -> str | None:
     if record["v"] != HISTORY_VERSION:
         return f"version {record['v']} (this reader knows {HISTORY_VERSION})"
     for key in ("prompt_ids", "output_ids"):
-        if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in record[key]):
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_TOKEN_ID for t in record[key]):
             return f"field {key!r} holds something other than token ids"
     return None
 
@@ -149,12 +151,13 @@ def _problem(record) -> str | None:
 def read_history(path: str | os.PathLike) -> list[dict]:
     """Every usable record of a history file, oldest first.
 
-    A torn, non-JSON or incomplete line is skipped with a `HistoryWarning` naming the file and the line number;
-    a broken log never raises. A missing file raises FileNotFoundError saying how logging is turned on.
+    A torn, non-JSON or incomplete line is skipped with a `HistoryWarning` naming the file and the line number (so
+    is a line over `MAX_LINE_BYTES`, never held in memory whole); a broken log never raises. A missing file raises
+    FileNotFoundError saying how logging is turned on.
     """
     path = Path(path).expanduser()
     try:
-        data = path.read_bytes()
+        f = open(path, "rb")
     except FileNotFoundError:
         raise FileNotFoundError(
             f"no generation history at {path}: it is written while the bundle generates with history logging on "
@@ -162,18 +165,38 @@ def read_history(path: str | os.PathLike) -> list[dict]:
             f"or EDGESPEC_HISTORY=0/off/false turns it off, EDGESPEC_HISTORY_DIR moves the default folder); "
             f"generate with the bundle first, or pass the file explicitly") from None
     records = []
-    for number, raw in enumerate(data.splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            warnings.warn(f"{path}:{number}: skipped a line that is not valid JSON (torn write?): {exc}",
-                          HistoryWarning, stacklevel=2)
-            continue
-        problem = _problem(record)
-        if problem is not None:
-            warnings.warn(f"{path}:{number}: skipped a record: {problem}", HistoryWarning, stacklevel=2)
-            continue
-        records.append(record)
+    with f:
+        for number, raw in enumerate(_lines(f), start=1):
+            if raw is None:
+                warnings.warn(f"{path}:{number}: skipped a line over {MAX_LINE_BYTES} bytes", HistoryWarning,
+                              stacklevel=2)
+                continue
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, huge integers, deep nesting
+                warnings.warn(f"{path}:{number}: skipped a line that is not valid JSON (torn write?): "
+                              f"{type(exc).__name__}: {str(exc)[:200]}", HistoryWarning, stacklevel=2)
+                continue
+            problem = _problem(record)
+            if problem is not None:
+                warnings.warn(f"{path}:{number}: skipped a record: {problem}", HistoryWarning, stacklevel=2)
+                continue
+            records.append(record)
     return records
+
+
+def _lines(f):
+    """The lines of a binary file (split at b"\\n"); None for a line longer than MAX_LINE_BYTES, which is skipped
+    without being read into memory whole."""
+    while True:
+        line = f.readline(MAX_LINE_BYTES + 1)
+        if not line:
+            return
+        if len(line) > MAX_LINE_BYTES:
+            while line and not line.endswith(b"\n"):
+                line = f.readline(1 << 20)
+            yield None
+            continue
+        yield line

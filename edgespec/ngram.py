@@ -36,6 +36,7 @@ import os
 import re
 import tempfile
 import warnings
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -504,6 +505,8 @@ def check_arrays(arrays: dict[str, np.ndarray], max_n: int, vocab_size: int) -> 
         if array.dtype.kind not in "iu" or array.ndim != like.ndim or array.shape[1:] != like.shape[1:]:
             raise CacheFileError(f"array {name!r} has dtype {array.dtype} and shape {array.shape}")
     keys, entries = len(arrays["key_len"]), len(arrays["entry_key"])
+    if keys > MAX_CACHE_ENTRIES or entries > MAX_CACHE_ENTRIES:
+        raise CacheFileError(f"it holds {keys} n-grams and {entries} entries (at most {MAX_CACHE_ENTRIES} each)")
     if len(arrays["key_tokens"]) != keys or len(arrays["key_total"]) != keys:
         raise CacheFileError("key arrays differ in length")
     if any(len(arrays[name]) != entries for name in ("entry_next", "entry_count", "entry_stamp")):
@@ -532,41 +535,114 @@ def check_arrays(arrays: dict[str, np.ndarray], max_n: int, vocab_size: int) -> 
         raise CacheFileError("a key's total is below the sum of its entries' counts")
 
 
+# Limits of the cache-file reader (`read_npz`): every array's size is checked against them, and against the bytes
+# the archive really holds, before anything is allocated from the sizes an .npy header claims.
+MAX_CACHE_BYTES = 256 << 20  # all arrays of one file, uncompressed (a 500,000-entry static cache is ~25 MB)
+MAX_COMPRESSION = 100  # a compressed member may inflate at most this much (ours are never compressed)
+MAX_CACHE_MEMBERS = 32
+MAX_CACHE_ENTRIES = 1 << 22  # n-grams, and (n-gram, next) entries, of one file: 8x the default static cap
+MAX_HEADER_BYTES = 1 << 20
+
+
+def read_npz(path: str | os.PathLike, max_bytes: int = MAX_CACHE_BYTES,
+             max_members: int = MAX_CACHE_MEMBERS) -> dict[str, np.ndarray]:
+    """Every array of an `.npz` archive, read without pickles and without trusting its size fields: each member
+    must be an `.npy` file whose header (read with numpy's header parser, itself capped) declares a plain numeric
+    dtype (bool, integer or float: never objects) and a shape whose bytes are exactly what the member holds; the
+    arrays together stay under `max_bytes` (compressed members included: a decompression bomb is refused from its
+    declared size). Raises CacheFileError saying what is wrong."""
+    from numpy.lib import format as npy_format
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            infos = archive.infolist()
+            if len(infos) > max_members:
+                raise CacheFileError(f"it holds {len(infos)} members (at most {max_members})")
+            total = 0
+            for info in infos:
+                if not info.filename.endswith(".npy") or info.is_dir():
+                    raise CacheFileError(f"member {info.filename[:80]!r} is not an .npy array")
+                if info.file_size > max(1 << 20, MAX_COMPRESSION * info.compress_size):
+                    raise CacheFileError(f"member {info.filename[:80]!r} inflates {info.compress_size} bytes to "
+                                         f"{info.file_size} (a decompression bomb?)")
+                total += info.file_size
+                if total > max_bytes:
+                    raise CacheFileError(f"its arrays take over {max_bytes} bytes")
+            arrays = {}
+            for info in infos:
+                name = info.filename[:-len(".npy")]
+                with archive.open(info) as f:
+                    version = npy_format.read_magic(f)
+                    if version == (1, 0):
+                        shape, _fortran, dtype = npy_format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, _fortran, dtype = npy_format.read_array_header_2_0(f)
+                    else:
+                        raise CacheFileError(f"array {name[:80]!r} has .npy version {version}")
+                    if dtype.hasobject or dtype.kind not in "biuf" or dtype.itemsize == 0:
+                        raise CacheFileError(f"array {name[:80]!r} has dtype {dtype}: not a plain number type")
+                    if any(d < 0 for d in shape):
+                        raise CacheFileError(f"array {name[:80]!r} has a negative dimension in shape {shape}")
+                    claimed = math.prod(shape) * dtype.itemsize
+                    if claimed != info.file_size - f.tell():
+                        raise CacheFileError(f"array {name[:80]!r} claims shape {shape} ({claimed} bytes) but "
+                                             f"holds {info.file_size - f.tell()} bytes")
+                with archive.open(info) as f:
+                    arrays[name] = npy_format.read_array(f, allow_pickle=False)
+            return arrays
+    except CacheFileError:
+        raise
+    except Exception as exc:  # noqa: BLE001  the body only parses the file: zipfile, zlib, struct and numpy's
+        # header parser raise many kinds on corrupt input (BadZipFile, EOFError, ValueError, tokenize.TokenError,
+        # SyntaxError, ...): each is this file's fault, never a crash
+        raise CacheFileError(f"it is corrupt or truncated ({type(exc).__name__}: {str(exc)[:200]})") from None
+
+
+def _short(value, limit: int = 60) -> str:
+    """A short repr of a header value for a message (a corrupt header may hold anything)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def read_cache_header(arrays: dict[str, np.ndarray], what: str) -> dict:
+    """The JSON header object of a cache file's arrays (uint8 array `header`); CacheFileError when unusable."""
+    header = arrays.get("header")
+    if header is None:
+        raise CacheFileError(f"it is not an edgespec {what} (no header)")
+    if header.ndim != 1 or header.dtype != np.uint8 or header.size > MAX_HEADER_BYTES:
+        raise CacheFileError(f"its header is not a JSON text of at most {MAX_HEADER_BYTES} bytes")
+    try:
+        data = json.loads(header.tobytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, integers too long, deep nesting
+        raise CacheFileError(f"its header is not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    if not isinstance(data, dict) or data.get("magic") != MAGIC:
+        raise CacheFileError(f"it is not an edgespec {what} (wrong magic)")
+    return data
+
+
 def read_cache_file(path: str | os.PathLike, kinds: tuple[str, ...], vocab_size: int,
                     fingerprint: str) -> tuple[dict, dict[str, np.ndarray]]:
     """(header, arrays) of a cache file; raises CacheFileError saying what is wrong with it."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            if "header" not in archive.files:
-                raise CacheFileError("it is not an edgespec n-gram cache (no header)")
-            try:
-                header = json.loads(archive["header"].tobytes().decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise CacheFileError(f"its header is not valid JSON ({exc})") from None
-            if not isinstance(header, dict) or header.get("magic") != MAGIC:
-                raise CacheFileError("it is not an edgespec n-gram cache (wrong magic)")
-            if header.get("version") != FORMAT_VERSION:
-                raise CacheFileError(f"it has format version {header.get('version')!r}, "
-                                     f"this runtime reads version {FORMAT_VERSION}")
-            if header.get("kind") not in kinds:
-                raise CacheFileError(f"it is a {header.get('kind')!r} cache, expected {' or '.join(kinds)}")
-            if header.get("vocab_size") != vocab_size:
-                raise CacheFileError(f"it was built for a vocabulary of {header.get('vocab_size')!r} tokens, "
-                                     f"this model has {vocab_size}")
-            if header.get("fingerprint") != fingerprint:
-                raise CacheFileError(f"it was built with another tokenizer (fingerprint "
-                                     f"{header.get('fingerprint')!r}, expected {fingerprint!r})")
-            file_max_n = header.get("max_n")
-            if not isinstance(file_max_n, int) or not 1 <= file_max_n <= 64:
-                raise CacheFileError(f"its max_n {file_max_n!r} is invalid")
-            clock = header.get("clock", 0)
-            if not isinstance(clock, int) or not 0 <= clock < STAMP_LIMIT:
-                raise CacheFileError(f"its clock {clock!r} is invalid")
-            arrays = {name: archive[name] for name in archive.files if name != "header"}
-    except CacheFileError:
-        raise
-    except Exception as exc:  # zip/npy errors of a corrupt or truncated file: never a crash
-        raise CacheFileError(f"it is corrupt or truncated ({type(exc).__name__}: {exc})") from None
+    arrays = read_npz(path)
+    header = read_cache_header(arrays, "n-gram cache")
+    arrays = {name: array for name, array in arrays.items() if name != "header"}
+    if header.get("version") != FORMAT_VERSION:
+        raise CacheFileError(f"it has format version {_short(header.get('version'))}, "
+                             f"this runtime reads version {FORMAT_VERSION}")
+    if header.get("kind") not in kinds:
+        raise CacheFileError(f"it is a {_short(header.get('kind'))} cache, expected {' or '.join(kinds)}")
+    if header.get("vocab_size") != vocab_size:
+        raise CacheFileError(f"it was built for a vocabulary of {_short(header.get('vocab_size'))} tokens, "
+                             f"this model has {vocab_size}")
+    if header.get("fingerprint") != fingerprint:
+        raise CacheFileError(f"it was built with another tokenizer (fingerprint "
+                             f"{_short(header.get('fingerprint'))}, expected {fingerprint!r})")
+    file_max_n = header.get("max_n")
+    if type(file_max_n) is not int or not 1 <= file_max_n <= 64:  # (not a bool either)
+        raise CacheFileError(f"its max_n {_short(file_max_n)} is invalid")
+    clock = header.get("clock", 0)
+    if type(clock) is not int or not 0 <= clock < STAMP_LIMIT:
+        raise CacheFileError(f"its clock {_short(clock)} is invalid")
     check_arrays(arrays, file_max_n, vocab_size)
     return header, arrays
 
@@ -663,6 +739,9 @@ def build_static_cache(text_files, tokenizer, out_path, max_n: int = DEFAULT_MAX
     `tokenizer_fingerprint(tokenizer.json)` so that the engine's drafter accepts the file."""
     if max_n < 1:
         raise ValueError(f"max_n must be >= 1, got {max_n}")
+    if not 0 <= max_entries <= MAX_CACHE_ENTRIES:
+        raise ValueError(f"max_entries must be in 0..{MAX_CACHE_ENTRIES} (what a cache file may hold), "
+                         f"got {max_entries}")
     if vocab_size is None:
         vocab_size = getattr(tokenizer, "vocab_size", None)
         if not isinstance(vocab_size, int):

@@ -20,6 +20,8 @@ import tokenizers
 __all__ = ["Tokenizer", "StreamDecoder", "StopMatcher", "common_prefix_length"]
 
 _REPLACEMENT_CHAR = "\ufffd"
+# Encoded once when a tokenizer file is loaded: letters, digits, punctuation, whitespace, accents, CJK, an emoji.
+_SMOKE_TEXT = "Hello, World! 0123 x = a_b + c;\n\t caf\u00e9 \u00fcber \u65e5\u672c \U0001F600 <|im_end|>"
 
 
 class Tokenizer:
@@ -42,8 +44,17 @@ class Tokenizer:
                 raise ValueError(f"tokenizer path is not a file: {path}")
             try:
                 self._tk = tokenizers.Tokenizer.from_file(path)
-            except Exception as exc:  # tokenizers raises a bare Exception on parse errors
-                raise ValueError(f"cannot read tokenizer file {path}: {exc}") from exc
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001  a bare Exception on parse errors, and a Rust panic
+                # (pyo3's PanicException derives from BaseException) on some malformed files
+                raise ValueError(f"cannot read tokenizer file {path}: {type(exc).__name__}: {exc}") from None
+            try:  # a file can parse and still fail on text (a WordPiece model without its [UNK] token, ...)
+                self._tk.decode(self._tk.encode(_SMOKE_TEXT, add_special_tokens=False).ids)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as exc:  # noqa: BLE001
+                raise ValueError(f"tokenizer file {path} cannot encode text: {type(exc).__name__}: {exc}") from None
         added = self._tk.get_added_tokens_decoder()
         self._special_ids = frozenset(i for i, tok in added.items() if tok.special)
         self._byte_ids: frozenset[int] | None = None

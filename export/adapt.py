@@ -29,6 +29,7 @@ import bisect
 import datetime as dt
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -176,11 +177,20 @@ def target_spans_of_output(target_tokenizer, output_ids: Sequence[int], output: 
     return [(0, len(output))]
 
 
+def _text(text: str) -> str:
+    """`text` with each lone surrogate (a history may hold them: JSON can escape them) replaced by U+FFFD, one
+    character for one, so that tokenizers (which take only valid Unicode) accept it and offsets stay put."""
+    return _SURROGATES.sub("\ufffd", text)
+
+
+_SURROGATES = re.compile("[\ud800-\udfff]")
+
+
 def build_example(index: int, record: dict, drafter_tokenizer, target_tokenizer, *, bos: int | None,
                   mapped_weight: float, max_tokens: int = DEFAULT_MAX_TOKENS) -> Example | None:
     """Drafter tokens of prompt + output with their loss weights (see the module docstring), or None when no
     token of the output gets a weight. `bos` is prepended when given (the drafter wants BOS)."""
-    prompt, output = record["prompt"], record["output"]
+    prompt, output = _text(record["prompt"]), _text(record["output"])
     spans = [(s + len(prompt), e + len(prompt))
              for s, e in target_spans_of_output(target_tokenizer, record["output_ids"], output)]
     encoding = drafter_tokenizer.encode(prompt + output, add_special_tokens=False)

@@ -78,12 +78,23 @@ def gemma3_layer_types(num_layers: int, pattern: int = 6) -> tuple[str, ...]:
     return tuple("full" if (i + 1) % pattern == 0 else "sliding" for i in range(num_layers))
 
 
+# Bounds of the numbers read from GGUF metadata: far above any real model, so that a corrupt or hostile file fails
+# here with a clear message instead of sizing graphs, buffers or loops from them.
+GGUF_LIMITS = {"embedding_length": 1 << 18, "attention.head_count": 1 << 12, "attention.head_count_kv": 1 << 12,
+               "attention.key_length": 1 << 12, "block_count": 1024, "feed_forward_length": 1 << 20,
+               "context_length": 1 << 24, "vocab_size": 1 << 24, "attention.sliding_window": 1 << 24}
+
+
 def spec_from_gguf_fields(fields: dict, tensor_names: set[str]) -> ArchSpec:
-    """Build an ArchSpec from GGUF key/value metadata (already decoded to Python values)."""
+    """Build an ArchSpec from GGUF key/value metadata (already decoded to Python values).
+
+    Every number is checked (type, sign, bounds in `GGUF_LIMITS`, consistency of heads): a bad value raises
+    ValueError naming the key."""
     arch = fields.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
+    if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
+        shown = repr(arch) if not isinstance(arch, str) or len(arch) < 80 else repr(arch[:80] + "...")
         raise UnsupportedArchitecture(
-            f"GGUF architecture {arch!r} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"GGUF architecture {shown} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
     def get(key, default=None):
@@ -92,26 +103,45 @@ def spec_from_gguf_fields(fields: dict, tensor_names: set[str]) -> ArchSpec:
             raise ValueError(f"GGUF metadata lacks {arch}.{key}")
         return value
 
-    hidden = int(get("embedding_length"))
-    heads = int(get("attention.head_count"))
-    kv_heads = int(get("attention.head_count_kv", heads))
-    head_dim = int(fields.get(f"{arch}.attention.key_length", hidden // heads))
-    layers = int(get("block_count"))
+    def count(key, default=None) -> int:
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= GGUF_LIMITS[key]:
+            raise ValueError(f"GGUF metadata {arch}.{key} must be an integer in 1..{GGUF_LIMITS[key]}, "
+                             f"got {_shown(value)}")
+        return value
+
+    def positive(key, default=None) -> float:
+        value = get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"GGUF metadata {arch}.{key} must be a finite positive number, got {_shown(value)}")
+        return float(value)
+
+    hidden = count("embedding_length")
+    heads = count("attention.head_count")
+    kv_heads = count("attention.head_count_kv", heads)
+    if heads % kv_heads:
+        raise ValueError(f"GGUF metadata: {heads} attention heads are not a multiple of {kv_heads} kv heads")
+    head_dim = count("attention.key_length", max(1, hidden // heads))
+    layers = count("block_count")
     vocab = fields.get(f"{arch}.vocab_size")
     if vocab is None:
-        vocab = len(fields.get("tokenizer.ggml.tokens", ()))
+        tokens = fields.get("tokenizer.ggml.tokens", ())
+        vocab = len(tokens) if isinstance(tokens, list) else 0
+    if isinstance(vocab, bool) or not isinstance(vocab, int) or not 1 <= vocab <= GGUF_LIMITS["vocab_size"]:
+        raise ValueError(f"GGUF metadata gives no usable vocabulary size ({arch}.vocab_size or the length of "
+                         f"tokenizer.ggml.tokens), got {_shown(vocab)}")
     common = dict(
         architecture=arch,
         num_layers=layers,
         hidden_size=hidden,
-        intermediate_size=int(get("feed_forward_length")),
+        intermediate_size=count("feed_forward_length"),
         num_heads=heads,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        vocab_size=int(vocab),
-        context_length=int(get("context_length")),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(fields.get(f"{arch}.rope.freq_base", 10000.0)),
+        vocab_size=vocab,
+        context_length=count("context_length"),
+        rms_norm_eps=positive("attention.layer_norm_rms_epsilon"),
+        rope_theta=positive("rope.freq_base", 10000.0),
         tie_embeddings="output.weight" not in tensor_names,
     )
     if arch == "qwen2":
@@ -122,7 +152,7 @@ def spec_from_gguf_fields(fields: dict, tensor_names: set[str]) -> ArchSpec:
     return ArchSpec(
         **common,
         rope_local_theta=10000.0,
-        sliding_window=int(get("attention.sliding_window")),
+        sliding_window=count("attention.sliding_window"),
         layer_types=gemma3_layer_types(layers),
         qk_norm=True,
         sandwich_norm=True,
@@ -130,6 +160,12 @@ def spec_from_gguf_fields(fields: dict, tensor_names: set[str]) -> ArchSpec:
         activation="gelu_tanh",
         attention_scale=float(head_dim) ** -0.5,
     )
+
+
+def _shown(value, limit: int = 60) -> str:
+    """A short repr of a metadata value for an error message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def spec_from_hf_config(config: dict) -> ArchSpec:

@@ -10,12 +10,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import datetime as dt
+import errno
 import gc
+import glob
 import itertools
 import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -260,6 +263,8 @@ def export_bundle(target: str | ModelRequest, out_dir: str | os.PathLike, drafte
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
+    if not out.exists():
+        _restore_moved_aside(out)  # an earlier export over `out` was interrupted between its two renames
     if out.exists() and not overwrite:
         raise ExportError(f"{out} exists; pass overwrite=True (--force) to replace it")
     requests = [target if isinstance(target, ModelRequest) else ModelRequest(target, "target", name=name, quant=quant)]
@@ -305,14 +310,53 @@ def export_bundle(target: str | ModelRequest, out_dir: str | os.PathLike, drafte
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
-    """Move the finished folder into place; an existing bundle is swapped out, then removed."""
+    """Move the finished folder into place. An existing bundle is swapped with the new one in one atomic step where
+    the system allows it (Linux renameat2 RENAME_EXCHANGE), so `dest` always holds a complete bundle, old or new;
+    elsewhere it is renamed aside first (a crash between the two renames leaves it at `.<name>.old-<pid>`, which the
+    next `export_bundle` to `dest` puts back first). The old bundle is removed afterwards."""
     if dest.exists():
+        if _exchange_paths(new, dest):
+            shutil.rmtree(new, ignore_errors=True)  # `new` now holds the old bundle
+            return
         old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
         os.rename(dest, old)
         os.rename(new, dest)
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(new, dest)
+
+
+def _restore_moved_aside(dest: Path) -> None:
+    """Put back a bundle that an interrupted `_replace_dir` (no atomic exchange) moved aside and never replaced."""
+    if not dest.parent.is_dir():
+        return
+    for old in sorted(dest.parent.glob(f".{glob.escape(dest.name)}.old-*")):
+        match = re.fullmatch(r"\.(.+)\.old-(\d+)", old.name)
+        if match and match.group(1) == dest.name and old.is_dir() and not dest.exists() \
+                and not _process_alive(int(match.group(2))) and (old / "manifest.json").is_file():
+            os.rename(old, dest)
+
+
+def _exchange_paths(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths (Linux renameat2 with RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP):  # old kernel or file system
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -429,8 +473,8 @@ def _commit_model(bundle: Path, old_raw: dict, request: ModelRequest, opts: Buil
     if name in old_raw["models"]:
         still_used = set().union(*(_entry_folders(e) for e in new_raw["models"].values()))
         for stale in _entry_folders(old_raw["models"][name]) - still_used:
-            path = (bundle / stale).resolve()
-            if path.parent == bundle.resolve() and path.is_dir():
+            path = bundle / stale  # a folder directly in the bundle, never through a link
+            if not path.is_symlink() and path.resolve().parent == bundle.resolve() and path.is_dir():
                 shutil.rmtree(path, ignore_errors=True)
     log(f"[{name}] now in {bundle} (folder {folder})")
     return ExportReport(bundle=bundle, models={name: stats}, seconds=round(time.perf_counter() - t0, 1))

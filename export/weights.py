@@ -13,8 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .arch import ArchSpec, spec_from_gguf_fields, spec_from_hf_config
+from .arch import ArchSpec, UnsupportedArchitecture, spec_from_gguf_fields, spec_from_hf_config
 from .quant import BlockQuantized, from_gguf, quantize_rtn
+from .sources import SourceError, scan_gguf
 
 QUANT_MODES = ("gguf", "fp32", "int8", "int4")
 
@@ -50,6 +51,10 @@ class GGUFWeights:
             raise ValueError(f"unknown quantization mode {mode!r}; choose one of {QUANT_MODES}")
         self.path = Path(path)
         self.mode = mode
+        try:  # bounds-checked walk first: the reader trusts every count and length field it reads
+            scan_gguf(self.path)
+        except SourceError as exc:
+            raise ValueError(f"{self.path} is not a readable GGUF file ({exc})") from None
         try:
             self.reader = gguf.GGUFReader(str(self.path))
         except Exception as exc:  # truncated or foreign files fail in many ways inside the reader
@@ -58,10 +63,14 @@ class GGUFWeights:
         for key, field in self.reader.fields.items():
             try:
                 self.fields[key] = field.contents()
-            except Exception:
+            except Exception:  # a value that does not decode (bad UTF-8): as if the key were absent
                 continue
         self.tensors = {t.name: t for t in self.reader.tensors}
-        self.spec: ArchSpec = spec_from_gguf_fields(self.fields, set(self.tensors))
+        try:
+            self.spec: ArchSpec = spec_from_gguf_fields(self.fields, set(self.tensors))
+        except ValueError as exc:  # UnsupportedArchitecture or a missing / bad metadata value
+            cls = type(exc) if type(exc) in (ValueError, UnsupportedArchitecture) else ValueError
+            raise cls(f"{self.path}: {exc}") from None
         self.tensor_types: dict[str, int] = {}
         for t in self.reader.tensors:
             self.tensor_types[t.tensor_type.name] = self.tensor_types.get(t.tensor_type.name, 0) + 1
@@ -76,11 +85,18 @@ class GGUFWeights:
             raise KeyError(f"{self.path.name} has no tensor {name!r}")
         t = self.tensors[name]
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists ne0 (inner) first
+        if not 1 <= len(shape) <= 2:
+            raise ValueError(f"{self.path}: tensor {name!r} has shape {list(shape)}; weights are vectors or matrices")
         if len(shape) == 1:
             shape_nk = (1, shape[0])
         else:
             shape_nk = shape
-        value = from_gguf(np.asarray(t.data), t.tensor_type, shape_nk, ort_runnable=False)
+        try:
+            value = from_gguf(np.asarray(t.data), t.tensor_type, shape_nk, ort_runnable=False)
+        except (ValueError, NotImplementedError) as exc:  # a block/shape mismatch; a type gguf-py cannot read
+            raise ValueError(f"{self.path}: tensor {name!r} ({t.tensor_type.name}): {exc}") from None
+        if isinstance(value, BlockQuantized) and (len(shape) == 1 or not _is_matrix(name)):
+            value = value.dequantize()  # a quantized vector (norm, bias): float32 like the F32 ones
         if len(shape) == 1:
             value = np.asarray(value, dtype=np.float32).reshape(-1)
         elif not _is_matrix(name):
@@ -90,7 +106,11 @@ class GGUFWeights:
             value = dense if self.mode == "fp32" else quantize_rtn(dense, 8 if self.mode == "int8" else 4, 32)
         if self.spec.architecture == "llama" and (name.endswith("attn_q.weight") or name.endswith("attn_k.weight")):
             heads = self.spec.num_heads if "attn_q" in name else self.spec.num_kv_heads
-            value = _take_rows(value, _llama_unpermute_rows(self.spec.head_dim * heads, heads))
+            rows = self.spec.head_dim * heads
+            if shape_nk[0] != rows or self.spec.head_dim % 2:
+                raise ValueError(f"{self.path}: tensor {name!r} has {shape_nk[0]} rows; the metadata says {heads} "
+                                 f"heads of {self.spec.head_dim} (an even head size) = {rows}")
+            value = _take_rows(value, _llama_unpermute_rows(rows, heads))
         return value
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,12 @@ from pathlib import Path
 FORMAT = "edgespec-bundle"
 SCHEMA_VERSION = 1
 ARCHITECTURES = ("qwen2", "llama", "gemma3")
+# A manifest is a few kB (chat templates included); anything much bigger is not one, and is refused unread.
+MAX_MANIFEST_BYTES = 16 << 20
+# Upper bounds of the shape fields: far above any real model, low enough that nothing sized from them (KV caches,
+# input name lists, layer tables) can be asked for absurd amounts of memory by a corrupt or hostile manifest.
+SHAPE_LIMITS = {"num_layers": 1024, "hidden_size": 1 << 18, "num_heads": 1 << 12, "num_kv_heads": 1 << 12,
+                "head_dim": 1 << 12, "vocab_size": 1 << 24, "context_length": 1 << 24}
 
 
 class BundleError(ValueError):
@@ -50,6 +57,9 @@ class ModelEntry:
     # Self-speculative target graphs: {"layer_gates": bool, "draft_head_tokens": resolved Path or None}; empty for
     # ordinary graphs. (In manifest.json the path is relative to the bundle, or null.)
     self_speculation: dict = field(default_factory=dict)
+    # The graph's external data file named by the manifest (`graph.data`), resolved inside the bundle; None when
+    # the manifest names none. ONNX Runtime finds external data through the graph itself; this is informational.
+    graph_data_path: Path | None = None
 
     @property
     def has_sliding_layers(self) -> bool:
@@ -77,14 +87,21 @@ class Manifest:
 
 
 def _inside(root: Path, relative: str, what: str) -> Path:
-    """Resolve `relative` under `root`, refusing absolute paths and anything escaping the bundle."""
+    """Resolve `relative` under `root`, refusing absolute paths and anything escaping the bundle: `..` components
+    and symlinks (the path is resolved, links followed, before the check), NUL bytes, symlink loops."""
     if not isinstance(relative, str) or not relative:
-        raise BundleError(f"{what}: expected a relative path string, got {relative!r}")
-    if os.path.isabs(relative) or relative.startswith(("/", "\\")):
-        raise BundleError(f"{what}: absolute path {relative!r} is not allowed in a bundle")
-    path = (root / relative).resolve()
-    if root.resolve() not in path.parents:
-        raise BundleError(f"{what}: path {relative!r} points outside the bundle")
+        raise BundleError(f"{what}: expected a relative path string, got {_short(relative)}")
+    if "\0" in relative:
+        raise BundleError(f"{what}: path {_short(relative)} contains a NUL byte")
+    if os.path.isabs(relative) or relative.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relative):
+        raise BundleError(f"{what}: absolute path {_short(relative)} is not allowed in a bundle")
+    try:
+        base = root.resolve()
+        path = (root / relative).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # symlink loop, name too long, ...
+        raise BundleError(f"{what}: path {_short(relative)} cannot be resolved ({exc})") from None
+    if base not in path.parents:
+        raise BundleError(f"{what}: path {_short(relative)} points outside the bundle")
     return path
 
 
@@ -93,66 +110,116 @@ def _require(d: dict, key: str, kind, where: str):
         raise BundleError(f"{where}: missing field {key!r}")
     value = d[key]
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise BundleError(f"{where}: field {key!r} must be an integer, got {value!r}")
+        raise BundleError(f"{where}: field {key!r} must be an integer, got {_short(value)}")
     if kind is int and value <= 0:
         raise BundleError(f"{where}: field {key!r} must be positive, got {value!r}")
+    if kind is int and key in SHAPE_LIMITS and value > SHAPE_LIMITS[key]:
+        raise BundleError(f"{where}: field {key!r} is {value}, above the limit of {SHAPE_LIMITS[key]}")
     if kind is str and not isinstance(value, str):
-        raise BundleError(f"{where}: field {key!r} must be a string, got {value!r}")
+        raise BundleError(f"{where}: field {key!r} must be a string, got {_short(value)}")
     if kind is dict and not isinstance(value, dict):
         raise BundleError(f"{where}: field {key!r} must be an object")
     return value
 
 
-def _model_entry(root: Path, name: str, d: dict, check_files: bool) -> ModelEntry:
-    where = f"manifest model {name!r}"
+def _short(value, limit: int = 80) -> str:
+    """repr of a value for an error message, cut to `limit` characters (a corrupt field may be huge)."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int too long to print
+        return f"<{type(value).__name__}>"
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _is_file(path: Path) -> bool:
+    """path.is_file(), False also when the name cannot even be looked up (too long, ...)."""
+    try:
+        return path.is_file()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _optional(d: dict, key: str, kind, where: str, default=None):
+    """d[key] when it is of `kind` (a type or tuple of types), `default` when absent or null; BundleError else."""
+    value = d.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+        raise BundleError(f"{where}: field {key!r} must be {names} or null, got {_short(value)}")
+    return value
+
+
+def _model_entry(root: Path, name: str, d: dict, check_files: bool, manifest: str = "manifest") -> ModelEntry:
+    where = f"{manifest} model {_short(name)}"
+    if not isinstance(name, str) or not name:
+        raise BundleError(f"{where}: a model name must be a non-empty string")
     if not isinstance(d, dict):
         raise BundleError(f"{where}: expected an object")
     arch = _require(d, "architecture", str, where)
     if arch not in ARCHITECTURES:
-        raise BundleError(f"{where}: unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
+        raise BundleError(f"{where}: unsupported architecture {_short(arch)} (supported: {', '.join(ARCHITECTURES)})")
     role = _require(d, "role", str, where)
     if role not in ("target", "drafter"):
-        raise BundleError(f"{where}: role must be 'target' or 'drafter', got {role!r}")
+        raise BundleError(f"{where}: role must be 'target' or 'drafter', got {_short(role)}")
     ints = {k: _require(d, k, int, where) for k in (
         "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "context_length")}
     if ints["num_heads"] % ints["num_kv_heads"]:
         raise BundleError(f"{where}: num_heads is not a multiple of num_kv_heads")
     graph = _require(d, "graph", dict, where)
     graph_path = _inside(root, _require(graph, "file", str, where + " graph"), where + " graph.file")
+    data = graph.get("data")
+    data_path = None if data is None else _inside(root, data, where + " graph.data")
     tokenizer_path = _inside(root, _require(d, "tokenizer", str, where), where + " tokenizer")
     if check_files:
         for path, what in ((graph_path, "graph"), (tokenizer_path, "tokenizer")):
-            if not path.is_file():
+            if not _is_file(path):
                 raise BundleError(f"{where}: {what} file {path} is missing")
-    layer_types = tuple(d.get("layer_types") or ("full",) * ints["num_layers"])
-    if len(layer_types) != ints["num_layers"] or any(t not in ("full", "sliding") for t in layer_types):
+    layer_types = d.get("layer_types")
+    if layer_types is None:
+        layer_types = ("full",) * ints["num_layers"]
+    if not isinstance(layer_types, list | tuple) or len(layer_types) != ints["num_layers"] or any(
+            t not in ("full", "sliding") for t in layer_types):
         raise BundleError(f"{where}: layer_types must list 'full' or 'sliding' once per layer")
+    layer_types = tuple(layer_types)
     window = d.get("sliding_window")
-    if "sliding" in layer_types and (not isinstance(window, int) or window <= 0):
+    if window is not None and (not _is_int(window) or not 0 < window <= SHAPE_LIMITS["context_length"]):
+        raise BundleError(f"{where}: sliding_window must be a positive integer or null, got {_short(window)}")
+    if "sliding" in layer_types and window is None:
         raise BundleError(f"{where}: sliding layers need a positive sliding_window")
-    special = d.get("special_tokens") or {}
-    eos = special.get("eos", [])
-    eos = [eos] if isinstance(eos, int) else list(eos)
+    special = _optional(d, "special_tokens", dict, where, {})
+    eos = special.get("eos")
+    eos = [] if eos is None else [eos] if not isinstance(eos, list) else eos
     for tok in [*eos, special.get("bos"), special.get("pad")]:
-        if tok is not None and (not isinstance(tok, int) or not 0 <= tok < ints["vocab_size"]):
-            raise BundleError(f"{where}: special token id {tok!r} is outside the vocabulary")
+        if tok is not None and (not _is_int(tok) or not 0 <= tok < ints["vocab_size"]):
+            raise BundleError(f"{where}: special token id {_short(tok)} is outside the vocabulary")
+    add_bos = special.get("add_bos", False)
+    if not isinstance(add_bos, bool):
+        raise BundleError(f"{where}: special_tokens.add_bos must be true or false, got {_short(add_bos)}")
+    chat_template = _optional(d, "chat_template", str, where)
+    dicts = {key: _optional(d, key, dict, where, {}) for key in ("quantization", "accuracy", "source")}
     self_spec = _self_speculation(root, d.get("self_speculation"), where, check_files)
     return ModelEntry(
         name=name,
         role=role,
         architecture=arch,
         graph_path=graph_path,
+        graph_data_path=data_path,
         tokenizer_path=tokenizer_path,
         sliding_window=window,
         layer_types=layer_types,
         bos_token_id=special.get("bos"),
         eos_token_ids=tuple(eos),
         pad_token_id=special.get("pad"),
-        add_bos=bool(special.get("add_bos", False)),
-        chat_template=d.get("chat_template"),
-        quantization=d.get("quantization") or {},
-        accuracy=d.get("accuracy") or {},
-        source=d.get("source") or {},
+        add_bos=add_bos,
+        chat_template=chat_template,
+        quantization=dicts["quantization"],
+        accuracy=dicts["accuracy"],
+        source=dicts["source"],
         self_speculation=self_spec,
         **ints,
     )
@@ -167,14 +234,14 @@ def _self_speculation(root: Path, value, where: str, check_files: bool) -> dict:
         raise BundleError(f"{where}: must be an object")
     gates = value.get("layer_gates", False)
     if not isinstance(gates, bool):
-        raise BundleError(f"{where}: layer_gates must be true or false, got {gates!r}")
+        raise BundleError(f"{where}: layer_gates must be true or false, got {_short(gates)}")
     tokens = value.get("draft_head_tokens")
     path = None
     if tokens is not None:
         if not gates:
             raise BundleError(f"{where}: a draft head (draft_head_tokens) needs layer_gates")
         path = _inside(root, tokens, where + ".draft_head_tokens")
-        if check_files and not path.is_file():
+        if check_files and not _is_file(path):
             raise BundleError(f"{where}: draft head token file {path} is missing")
     return {"layer_gates": gates, "draft_head_tokens": path} if gates else {}
 
@@ -190,9 +257,16 @@ def load_manifest(bundle_dir: str | os.PathLike, check_files: bool = True) -> Ma
     if not path.is_file():
         raise BundleError(f"{root} has no manifest.json: not an edgespec bundle (export one with `edgespec export`)")
     try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON: {exc}") from None
+        with open(path, "rb") as f:
+            data = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as exc:
+        raise BundleError(f"{path} cannot be read: {exc}") from None
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a bundle manifest")
+    try:
+        raw = json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer too long to read, deep nesting
+        raise BundleError(f"{path} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
     return manifest_from_dict(root, raw, check_files, where=str(path))
 
 
@@ -208,10 +282,10 @@ def manifest_from_dict(root: str | os.PathLike, raw, check_files: bool = True, w
     models = raw.get("models")
     if not isinstance(models, dict) or not models:
         raise BundleError(f"{where}: 'models' must be a non-empty object")
-    entries = {name: _model_entry(root, name, d, check_files) for name, d in models.items()}
+    entries = {name: _model_entry(root, name, d, check_files, where) for name, d in models.items()}
     target = raw.get("target")
-    if target not in entries:
-        raise BundleError(f"{where}: target {target!r} is not one of the models ({', '.join(entries)})")
+    if not isinstance(target, str) or target not in entries:
+        raise BundleError(f"{where}: target {_short(target)} is not one of the models ({', '.join(entries)})")
     if entries[target].role != "target":
         raise BundleError(f"{where}: model {target!r} is named as target but has role {entries[target].role!r}")
     return Manifest(root=root, target=target, models=entries, raw=raw)

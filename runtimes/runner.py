@@ -99,8 +99,12 @@ class ModelRunner:
                 raise BundleError(f"graph {e.graph_path} has no draft_head input, the manifest names {path}")
             try:
                 ids = np.load(path, allow_pickle=False)
-            except (OSError, ValueError) as exc:
+            except (OSError, ValueError, EOFError) as exc:
                 raise BundleError(f"cannot read the draft head token ids {path}: {exc}") from None
+            if not isinstance(ids, np.ndarray):  # an .npz archive behind the .npy name
+                if hasattr(ids, "close"):
+                    ids.close()
+                raise BundleError(f"{path}: draft head token ids must be one .npy array, not an .npz archive")
             if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 \
                     or ids.max() >= e.vocab_size or np.any(np.diff(ids) <= 0):
                 raise BundleError(f"{path}: draft head token ids must be increasing ids inside the vocabulary")

@@ -328,3 +328,34 @@ def test_drafter_details_sum_counters_and_name_layer_sets():
     assert "drafted via learned mappings 50.0%" in lines[0] and "accepted via learned mappings 50.0%" in lines[0]
     assert "learned cache entries 9, direct 6" in lines[0]
     assert lines[1].endswith("layer sets skip=7,8 (2)")
+
+
+def test_tree_policy_systems_expand_and_parse():
+    assert bench.split_system("ngram@chain:4~dev1") == ("ngram", "chain:4", "dev1")
+    assert bench.split_system("plain") == ("plain", None, None)
+    assert bench.expand_modes(["plain", "ngram"], ["plan", "chain:2"], []) == [
+        "plain", "ngram@plan", "ngram@chain:2"]
+    assert bench.expand_modes(["plain", "ngram@tree:2x2"], ["plan"], ["a", "b"]) == [
+        "plain", "ngram@tree:2x2~a", "ngram@tree:2x2~b"]
+    assert bench.expand_modes(["ngram"], [], []) == ["ngram"]
+    with pytest.raises(ValueError, match="chain:K or tree:WxD"):
+        bench.expand_modes(["ngram"], ["chain:x"], [])
+    with pytest.raises(ValueError):
+        bench.expand_modes(["ngram@widest"], [], [])
+
+
+def test_planner_table_compares_predictions_with_measurements():
+    rows = _rows()
+    for r in rows:
+        if r["system"] == "spec":
+            r["stats"] = {"predicted_steps": 10, "predicted_tokens": 15.0, "predicted_seconds": 2.0,
+                          "observed_tokens": 12, "observed_seconds": 2.4,
+                          "plans": [{"bucket": "0.7-1.0", "nodes": 3, "widths": [1, 1, 1]}]}
+    result = _result(rows)
+    header, table = bench.planner_table(result)
+    assert [row[0] for row in table] == ["spec"]
+    spec_rows = sum(1 for r in rows if r["system"] == "spec")
+    steps = 10 * spec_rows
+    assert table[0][1] == str(steps) and table[0][2] == "1.50" and table[0][3] == "1.20"
+    assert table[0][4] == "7.5" and table[0][5] == "5.0" and "0.7-1.0: 3 [1, 1, 1]" in table[0][6]
+    assert "Planner predictions" in bench.render_markdown(result)

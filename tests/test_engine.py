@@ -498,3 +498,26 @@ def test_generations_are_logged_for_adaptation_unless_switched_off(tiny_bundles,
     monkeypatch.setenv("EDGESPEC_HISTORY", "1")
     default = load(tiny_bundles["qwen2"], threads=1, drafter=None)
     assert default.history is not None and default.history.path.name.endswith("--tiny-qwen2.jsonl")
+
+
+def test_stream_closed_early_keeps_stats_and_close_releases_the_engine(tiny_bundles, tmp_path):
+    """A stream abandoned half-way still records its stats; close() saves the n-gram cache, is idempotent, and
+    later calls fail clearly."""
+    cache = tmp_path / "ngram.npz"
+    engine = load(tiny_bundles["qwen2"], threads=2, drafter="ngram", ngram_cache=cache, history=False)
+    stream = engine.stream("def add(a, b):", max_new_tokens=32, ignore_eos=True)
+    pieces = [next(stream) for _ in range(3)]
+    stream.close()
+    stats = engine.last_stats
+    assert pieces and stats.stopped_early and 3 <= stats.new_tokens < 32
+    full = engine.generate("def add(a, b):", max_new_tokens=8, ignore_eos=True)
+    assert not full.stats.stopped_early and full.stats.new_tokens == 8
+    with engine:
+        pass  # __exit__ closes
+    assert cache.is_file()
+    engine.close()  # idempotent
+    engine.reset()  # harmless once closed
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.generate("x", max_new_tokens=2)
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.stream("x", max_new_tokens=2)

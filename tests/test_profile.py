@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
+
 import pytest
 
 import edgespec.devices.profile as profile_module
@@ -340,3 +342,15 @@ def test_cli_profile_quick_writes_a_loadable_file(bundle, manifest, tmp_path, pr
 def test_nan_never_reaches_a_saved_profile(measured):
     data = measured.to_dict()
     assert all(math.isfinite(v) for row in data["verify_ms"]["ms"] for v in row)
+
+
+def test_measured_dips_are_smoothed_to_a_nondecreasing_curve():
+    from edgespec.devices.profile import nondecreasing
+
+    assert nondecreasing([1.0, 3.0, 2.0, 4.0]) == [1.0, 2.5, 2.5, 4.0]
+    assert nondecreasing([5.0, 1.0, 1.0]) == [7 / 3] * 3
+    assert nondecreasing([1.0, 2.0]) == [1.0, 2.0]
+    values = np.random.default_rng(0).uniform(1, 10, 20).tolist()
+    fitted = nondecreasing(values)
+    assert all(a <= b + 1e-12 for a, b in zip(fitted, fitted[1:]))
+    assert sum(fitted) == pytest.approx(sum(values))  # pooling keeps the total
