@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..runtimes.manifest import Manifest, ModelEntry, write_json_atomic
+from ..runtimes.manifest import Manifest, ModelEntry, read_json_capped, write_json_atomic
 from .memory import available_memory_mb, model_file_bytes, process_rss_mb, total_memory_mb
 
 FORMAT = "edgespec-device-profile"
@@ -438,17 +438,7 @@ def load_profile(path: str | os.PathLike) -> DeviceProfile:
     if not path.is_file():
         raise FileNotFoundError(f"device profile {path} does not exist (make one with `edgespec profile --bundle "
                                 f"BUNDLE --output {path}`)")
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_PROFILE_BYTES + 1)
-    except OSError as exc:
-        raise ProfileError(f"{path}: cannot read ({exc})") from None
-    if len(raw) > MAX_PROFILE_BYTES:
-        raise ProfileError(f"{path}: over {MAX_PROFILE_BYTES >> 20} MiB, not a device profile")
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer too long to read, deep nesting
-        raise ProfileError(f"{path}: not valid JSON ({type(exc).__name__}: {str(exc)[:200]})") from None
+    data = read_json_capped(path, MAX_PROFILE_BYTES, ProfileError, "a device profile")
     profile = _parse_profile(data, str(path))
     profile.name = path.stem
     return profile

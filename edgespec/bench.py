@@ -727,7 +727,7 @@ def run_hf_job(job: dict) -> dict:
     if source.is_file():  # a GGUF file: transformers dequantizes it to float32
         model = AutoModelForCausalLM.from_pretrained(str(source.parent), gguf_file=source.name, dtype=torch.float32)
     else:
-        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32, use_safetensors=True)
     model.eval()
     load_seconds = time.perf_counter() - t
     n_new = job["max_new_tokens"]

@@ -256,18 +256,24 @@ def load_manifest(bundle_dir: str | os.PathLike, check_files: bool = True) -> Ma
     path = root / "manifest.json"
     if not path.is_file():
         raise BundleError(f"{root} has no manifest.json: not an edgespec bundle (export one with `edgespec export`)")
+    raw = read_json_capped(path, MAX_MANIFEST_BYTES, BundleError, "a bundle manifest")
+    return manifest_from_dict(root, raw, check_files, where=str(path))
+
+
+def read_json_capped(path: Path, max_bytes: int, error: type[Exception], what: str):
+    """The parsed JSON of a file of at most `max_bytes` bytes. An unreadable or larger file, bad UTF-8, bad JSON,
+    an integer too long to read or too deep nesting raise `error` naming the file (never a raw parser error)."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_MANIFEST_BYTES + 1)
+            data = f.read(max_bytes + 1)
     except OSError as exc:
-        raise BundleError(f"{path} cannot be read: {exc}") from None
-    if len(data) > MAX_MANIFEST_BYTES:
-        raise BundleError(f"{path} is over {MAX_MANIFEST_BYTES >> 20} MiB: not a bundle manifest")
+        raise error(f"{path} cannot be read: {exc}") from None
+    if len(data) > max_bytes:
+        raise error(f"{path} is over {max_bytes >> 20} MiB: not {what}")
     try:
-        raw = json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, an integer too long to read, deep nesting
-        raise BundleError(f"{path} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
-    return manifest_from_dict(root, raw, check_files, where=str(path))
+        return json.loads(data.decode("utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise error(f"{path} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
 
 
 def manifest_from_dict(root: str | os.PathLike, raw, check_files: bool = True, where: str = "manifest") -> Manifest:

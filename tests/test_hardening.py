@@ -176,11 +176,7 @@ SCANNED = ("edgespec", "export", "runtimes", "devices")
 BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
 BANNED_CALLS = {"eval", "exec"}
 # (file, line text) pairs allowed, with the reason. torch.load, pickle, eval and exec are never allowed.
-ALLOW_LIST: dict[tuple[str, str], str] = {
-    ("edgespec/bench.py", "model = AutoModelForCausalLM.from_pretrained(str(source), dtype=torch.float32)"):
-        "the HF transformers peer of `edgespec bench` loads the folder the bundle was exported from (which the "
-        "exporter read as safetensors only); PENDING: bench.py should pass use_safetensors=True, then drop this",
-}
+ALLOW_LIST: dict[tuple[str, str], str] = {}
 
 
 def _problems(path: Path) -> list[str]:
