@@ -30,7 +30,7 @@ from typing import Callable
 
 import numpy as np
 
-from ..runtimes.manifest import Manifest, ModelEntry, read_json_capped, write_json_atomic
+from ..runtimes.manifest import Manifest, ModelEntry, read_json_capped, short_repr as _r, write_json_atomic
 from .memory import available_memory_mb, model_file_bytes, process_rss_mb, total_memory_mb
 
 FORMAT = "edgespec-device-profile"
@@ -292,15 +292,6 @@ def _is_number(value) -> bool:
         return math.isfinite(value)
     except OverflowError:  # an integer too large for a float
         return False
-
-
-def _r(value, limit: int = 80) -> str:
-    """A short repr for an error message (a corrupt field may be huge)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an integer too long to print
-        return f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _ascending_ints(value, where: str, name: str) -> list[int]:

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .runtimes.manifest import short_repr
 from .drafting import Drafter, DraftTree, VerifiedStep, fast_top_k
 from .sampling import GenerationConfig
 from .text import common_prefix_length
@@ -598,12 +599,6 @@ def read_npz(path: str | os.PathLike, max_bytes: int = MAX_CACHE_BYTES,
         raise CacheFileError(f"it is corrupt or truncated ({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
-def _short(value, limit: int = 60) -> str:
-    """A short repr of a header value for a message (a corrupt header may hold anything)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def read_cache_header(arrays: dict[str, np.ndarray], what: str) -> dict:
     """The JSON header object of a cache file's arrays (uint8 array `header`); CacheFileError when unusable."""
     header = arrays.get("header")
@@ -627,22 +622,22 @@ def read_cache_file(path: str | os.PathLike, kinds: tuple[str, ...], vocab_size:
     header = read_cache_header(arrays, "n-gram cache")
     arrays = {name: array for name, array in arrays.items() if name != "header"}
     if header.get("version") != FORMAT_VERSION:
-        raise CacheFileError(f"it has format version {_short(header.get('version'))}, "
+        raise CacheFileError(f"it has format version {short_repr(header.get('version'))}, "
                              f"this runtime reads version {FORMAT_VERSION}")
     if header.get("kind") not in kinds:
-        raise CacheFileError(f"it is a {_short(header.get('kind'))} cache, expected {' or '.join(kinds)}")
+        raise CacheFileError(f"it is a {short_repr(header.get('kind'))} cache, expected {' or '.join(kinds)}")
     if header.get("vocab_size") != vocab_size:
-        raise CacheFileError(f"it was built for a vocabulary of {_short(header.get('vocab_size'))} tokens, "
+        raise CacheFileError(f"it was built for a vocabulary of {short_repr(header.get('vocab_size'))} tokens, "
                              f"this model has {vocab_size}")
     if header.get("fingerprint") != fingerprint:
         raise CacheFileError(f"it was built with another tokenizer (fingerprint "
-                             f"{_short(header.get('fingerprint'))}, expected {fingerprint!r})")
+                             f"{short_repr(header.get('fingerprint'))}, expected {fingerprint!r})")
     file_max_n = header.get("max_n")
     if type(file_max_n) is not int or not 1 <= file_max_n <= 64:  # (not a bool either)
-        raise CacheFileError(f"its max_n {_short(file_max_n)} is invalid")
+        raise CacheFileError(f"its max_n {short_repr(file_max_n)} is invalid")
     clock = header.get("clock", 0)
     if type(clock) is not int or not 0 <= clock < STAMP_LIMIT:
-        raise CacheFileError(f"its clock {_short(clock)} is invalid")
+        raise CacheFileError(f"its clock {short_repr(clock)} is invalid")
     check_arrays(arrays, file_max_n, vocab_size)
     return header, arrays
 

@@ -90,18 +90,18 @@ def _inside(root: Path, relative: str, what: str) -> Path:
     """Resolve `relative` under `root`, refusing absolute paths and anything escaping the bundle: `..` components
     and symlinks (the path is resolved, links followed, before the check), NUL bytes, symlink loops."""
     if not isinstance(relative, str) or not relative:
-        raise BundleError(f"{what}: expected a relative path string, got {_short(relative)}")
+        raise BundleError(f"{what}: expected a relative path string, got {short_repr(relative)}")
     if "\0" in relative:
-        raise BundleError(f"{what}: path {_short(relative)} contains a NUL byte")
+        raise BundleError(f"{what}: path {short_repr(relative)} contains a NUL byte")
     if os.path.isabs(relative) or relative.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", relative):
-        raise BundleError(f"{what}: absolute path {_short(relative)} is not allowed in a bundle")
+        raise BundleError(f"{what}: absolute path {short_repr(relative)} is not allowed in a bundle")
     try:
         base = root.resolve()
         path = (root / relative).resolve()
     except (OSError, RuntimeError, ValueError) as exc:  # symlink loop, name too long, ...
-        raise BundleError(f"{what}: path {_short(relative)} cannot be resolved ({exc})") from None
+        raise BundleError(f"{what}: path {short_repr(relative)} cannot be resolved ({exc})") from None
     if base not in path.parents:
-        raise BundleError(f"{what}: path {_short(relative)} points outside the bundle")
+        raise BundleError(f"{what}: path {short_repr(relative)} points outside the bundle")
     return path
 
 
@@ -110,19 +110,19 @@ def _require(d: dict, key: str, kind, where: str):
         raise BundleError(f"{where}: missing field {key!r}")
     value = d[key]
     if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise BundleError(f"{where}: field {key!r} must be an integer, got {_short(value)}")
+        raise BundleError(f"{where}: field {key!r} must be an integer, got {short_repr(value)}")
     if kind is int and value <= 0:
         raise BundleError(f"{where}: field {key!r} must be positive, got {value!r}")
     if kind is int and key in SHAPE_LIMITS and value > SHAPE_LIMITS[key]:
         raise BundleError(f"{where}: field {key!r} is {value}, above the limit of {SHAPE_LIMITS[key]}")
     if kind is str and not isinstance(value, str):
-        raise BundleError(f"{where}: field {key!r} must be a string, got {_short(value)}")
+        raise BundleError(f"{where}: field {key!r} must be a string, got {short_repr(value)}")
     if kind is dict and not isinstance(value, dict):
         raise BundleError(f"{where}: field {key!r} must be an object")
     return value
 
 
-def _short(value, limit: int = 80) -> str:
+def short_repr(value, limit: int = 80) -> str:
     """repr of a value for an error message, cut to `limit` characters (a corrupt field may be huge)."""
     try:
         text = repr(value)
@@ -150,22 +150,22 @@ def _optional(d: dict, key: str, kind, where: str, default=None):
         return default
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise BundleError(f"{where}: field {key!r} must be {names} or null, got {_short(value)}")
+        raise BundleError(f"{where}: field {key!r} must be {names} or null, got {short_repr(value)}")
     return value
 
 
 def _model_entry(root: Path, name: str, d: dict, check_files: bool, manifest: str = "manifest") -> ModelEntry:
-    where = f"{manifest} model {_short(name)}"
+    where = f"{manifest} model {short_repr(name)}"
     if not isinstance(name, str) or not name:
         raise BundleError(f"{where}: a model name must be a non-empty string")
     if not isinstance(d, dict):
         raise BundleError(f"{where}: expected an object")
     arch = _require(d, "architecture", str, where)
     if arch not in ARCHITECTURES:
-        raise BundleError(f"{where}: unsupported architecture {_short(arch)} (supported: {', '.join(ARCHITECTURES)})")
+        raise BundleError(f"{where}: unsupported architecture {short_repr(arch)} (supported: {', '.join(ARCHITECTURES)})")
     role = _require(d, "role", str, where)
     if role not in ("target", "drafter"):
-        raise BundleError(f"{where}: role must be 'target' or 'drafter', got {_short(role)}")
+        raise BundleError(f"{where}: role must be 'target' or 'drafter', got {short_repr(role)}")
     ints = {k: _require(d, k, int, where) for k in (
         "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size", "context_length")}
     if ints["num_heads"] % ints["num_kv_heads"]:
@@ -188,7 +188,7 @@ def _model_entry(root: Path, name: str, d: dict, check_files: bool, manifest: st
     layer_types = tuple(layer_types)
     window = d.get("sliding_window")
     if window is not None and (not _is_int(window) or not 0 < window <= SHAPE_LIMITS["context_length"]):
-        raise BundleError(f"{where}: sliding_window must be a positive integer or null, got {_short(window)}")
+        raise BundleError(f"{where}: sliding_window must be a positive integer or null, got {short_repr(window)}")
     if "sliding" in layer_types and window is None:
         raise BundleError(f"{where}: sliding layers need a positive sliding_window")
     special = _optional(d, "special_tokens", dict, where, {})
@@ -196,10 +196,10 @@ def _model_entry(root: Path, name: str, d: dict, check_files: bool, manifest: st
     eos = [] if eos is None else [eos] if not isinstance(eos, list) else eos
     for tok in [*eos, special.get("bos"), special.get("pad")]:
         if tok is not None and (not _is_int(tok) or not 0 <= tok < ints["vocab_size"]):
-            raise BundleError(f"{where}: special token id {_short(tok)} is outside the vocabulary")
+            raise BundleError(f"{where}: special token id {short_repr(tok)} is outside the vocabulary")
     add_bos = special.get("add_bos", False)
     if not isinstance(add_bos, bool):
-        raise BundleError(f"{where}: special_tokens.add_bos must be true or false, got {_short(add_bos)}")
+        raise BundleError(f"{where}: special_tokens.add_bos must be true or false, got {short_repr(add_bos)}")
     chat_template = _optional(d, "chat_template", str, where)
     dicts = {key: _optional(d, key, dict, where, {}) for key in ("quantization", "accuracy", "source")}
     self_spec = _self_speculation(root, d.get("self_speculation"), where, check_files)
@@ -234,7 +234,7 @@ def _self_speculation(root: Path, value, where: str, check_files: bool) -> dict:
         raise BundleError(f"{where}: must be an object")
     gates = value.get("layer_gates", False)
     if not isinstance(gates, bool):
-        raise BundleError(f"{where}: layer_gates must be true or false, got {_short(gates)}")
+        raise BundleError(f"{where}: layer_gates must be true or false, got {short_repr(gates)}")
     tokens = value.get("draft_head_tokens")
     path = None
     if tokens is not None:
@@ -291,7 +291,7 @@ def manifest_from_dict(root: str | os.PathLike, raw, check_files: bool = True, w
     entries = {name: _model_entry(root, name, d, check_files, where) for name, d in models.items()}
     target = raw.get("target")
     if not isinstance(target, str) or target not in entries:
-        raise BundleError(f"{where}: target {_short(target)} is not one of the models ({', '.join(entries)})")
+        raise BundleError(f"{where}: target {short_repr(target)} is not one of the models ({', '.join(entries)})")
     if entries[target].role != "target":
         raise BundleError(f"{where}: model {target!r} is named as target but has role {entries[target].role!r}")
     return Manifest(root=root, target=target, models=entries, raw=raw)
