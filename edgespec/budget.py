@@ -47,32 +47,20 @@ class VerifyCost:
 
 
 class ProfileCost:
-    """Verification time from a device profile (`edgespec.devices`) at the engine's current context length.
-
-    The engine sets `context` before each step. What the engine measures is kept beside it (`measured`, a
-    `VerifyCost`) for reports of how this run compares with the profile; it never moves the plan."""
+    """Verification time from a device profile (`edgespec.devices`) at the engine's current context length (the
+    engine sets `context` before each step). The profile is the cost model: the engine's own timings do not move
+    it, so `observe` records nothing."""
 
     def __init__(self, profile):
         self.profile = profile
         self.context = 0
-        self.measured = VerifyCost()
-
-    @property
-    def seconds(self) -> dict[int, float]:
-        """Measured forward times per T in this run."""
-        return self.measured.seconds
 
     def observe(self, tokens: int, seconds: float) -> None:
-        """Record one forward (for `drift`)."""
-        self.measured.observe(tokens, seconds)
+        """The VerifyCost interface; a profile's costs stay as measured."""
 
     def cost(self, tokens: int) -> float:
         """The profile's forward time for `tokens` tokens at the current context length."""
         return self.profile.verify_seconds(tokens, self.context)
-
-    def drift(self) -> dict[int, float]:
-        """Measured / profiled time per T seen in this run (1.0: the profile describes this run)."""
-        return {t: round(s / self.cost(t), 3) for t, s in sorted(self.measured.seconds.items())}
 
 
 def choose_nodes(scores: np.ndarray, parents: np.ndarray, cost) -> list[int]:

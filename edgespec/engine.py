@@ -121,6 +121,8 @@ class Engine:
             raise BundleError(f"tokenizer {self.entry.tokenizer_path} has {self.tokenizer.vocab_size} tokens but the "
                              f"model's vocabulary is {self.entry.vocab_size}: wrong tokenizer for this model")
         self.tree = check_tree_policy(tree)
+        # a fixed shape's rank paths (None for the adaptive policies)
+        self._fixed_paths = None if tree in TREE_POLICIES else frozenset(rank_paths(fixed_shape(tree)))
         # the device profile (measured verification costs) drives the tree plan; without one, costs are measured as
         # we go
         self.profile = _resolve_profile(device, manifest, self.entry, self.threads)
@@ -412,41 +414,32 @@ class Engine:
         max_depth = min(remaining - 1, room)  # accepted + bonus never exceed what the caller can take
         if max_depth <= 0:
             max_nodes = 0
-        policy = self.tree_policy
         ask = max_nodes
         if self.planner is not None and max_nodes:
             wanted = self.planner.request(len(context))
             # a static drafter (n-grams) grows best-first: ask for more than the plan, then fit its shape
             ask = min(max_nodes, wanted if self.planner.dynamic else 3 * wanted)
-        elif policy not in TREE_POLICIES and max_nodes:
-            ask = min(max_nodes, 3 * len(self._fixed_paths()))
+        elif self._fixed_paths is not None and max_nodes:
+            ask = min(max_nodes, 3 * len(self._fixed_paths))
         # always asked (with no budget when no node can be verified), so the drafter knows this step was not its own
         tree = self.drafter.propose(context, ask)
         stats.draft_seconds += time.perf_counter() - t
         if not isinstance(tree, DraftTree):
             raise TypeError(f"drafter {self.drafter.name!r} returned {type(tree).__name__}, not a DraftTree")
         tree.validate(self.entry.vocab_size)
-        prediction = None
         if len(tree):
             tree = tree.prune(max_nodes, max_depth)
+        if not len(tree):
+            return tree, self.planner.predict(tree, 0, len(context)) if self.planner is not None else None
+        prediction = None
         if self.planner is not None:
-            if len(tree):
-                tree, prediction = self.planner.fit(tree, len(context))
-            else:
-                prediction = self.planner.predict(tree, 0, len(context))
-        elif not len(tree):
-            pass
-        elif policy not in TREE_POLICIES:
-            tree = fit_to_shape(tree, self._fixed_paths())
+            tree, prediction = self.planner.fit(tree, len(context))
+        elif self._fixed_paths is not None:
+            tree = fit_to_shape(tree, self._fixed_paths)
         elif tree.scores is not None:  # keep only as many nodes as pay off at this device's verification cost
             adjusted = self.calibration.adjust(tree.scores, tree.parents)
             tree = tree.subtree(choose_nodes(adjusted, tree.parents, self.verify_cost.cost))
         return tree, prediction
-
-    def _fixed_paths(self) -> frozenset:
-        if getattr(self, "_fixed", (None,))[0] != self.tree:
-            self._fixed = (self.tree, frozenset(rank_paths(fixed_shape(self.tree))))
-        return self._fixed[1]
 
     def _speculate_step(self, context: list[int], config: GenerationConfig, rng, stats: GenerationStats,
                         remaining: int) -> tuple[list[int], int]:

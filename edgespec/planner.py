@@ -319,7 +319,6 @@ class StepPrediction:
     tokens: float
     seconds: float
     bucket: int
-    planned_nodes: int
 
 
 class Planner:
@@ -426,17 +425,17 @@ class Planner:
             tree = tree.prune(plan.nodes, plan.depth)
         else:
             tree = fit_to_shape(tree, plan.paths)
-        return tree, self.predict(tree, bucket, context, plan.nodes)
+        return tree, self.predict(tree, bucket, context)
 
-    def predict(self, tree: DraftTree, bucket: int, context: int, planned_nodes: int = 0) -> StepPrediction:
+    def predict(self, tree: DraftTree, bucket: int, context: int) -> StepPrediction:
         """Expected tokens and seconds of verifying `tree` (drafting included) under the current statistics."""
         if not len(tree):
-            return StepPrediction(1.0, self.verify_seconds(1, context), bucket, planned_nodes)
+            return StepPrediction(1.0, self.verify_seconds(1, context), bucket)
         rates = self.stats[bucket].rates()
         depth = int(tree.depths().max())
         draft = self.draft_seconds(depth, len(tree)) if self.draft_seconds is not None else 0.0
         return StepPrediction(1.0 + expected_accepted(tree.parents, rates),
-                              self.verify_seconds(1 + len(tree), context) + draft, bucket, planned_nodes)
+                              self.verify_seconds(1 + len(tree), context) + draft, bucket)
 
     def observe(self, tree: DraftTree, accepted_nodes, bucket: int) -> None:
         """Learn from one verified tree of `bucket`."""
