@@ -660,7 +660,7 @@ def run_mode_job(job: dict, engine=None) -> dict:
                         "quantization": dict(entry.quantization), "pad_token_id": entry.pad_token_id},
               "rows": [], "prompts": [], "skipped": [],
               "device_profile": engine.profile.name if getattr(engine, "profile", None) is not None else None,
-              "tree_policy": getattr(engine, "tree", None)}
+              "tree_policy": getattr(engine, "tree_policy", None)}
     prompts = []
     for q in job["questions"]:
         text = engine.render_chat([{"role": "user", "content": q["prompt"]}])

@@ -13,8 +13,9 @@ import os
 import threading
 import time
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from .runtimes.runner import ContextOverflow, ModelRunner, default_threads
 from .sampling import GenerationConfig, greedy, process_logits, sample
 from .text import StopMatcher, StreamDecoder, Tokenizer, common_prefix_length
 from .verify import verify_tree
+
+if TYPE_CHECKING:
+    from .devices.profile import DeviceProfile
 
 
 @dataclass
@@ -81,12 +85,118 @@ class GenerationStats:
 
 @dataclass
 class GenerationResult:
-    """Text, tokens and stats of one generation."""
+    """Text, tokens and stats of one generation.
+
+    >>> result = engine.generate("def add(a, b):", max_new_tokens=32)   # doctest: +SKIP
+    >>> result.finish_reason, result.stats.mean_accepted_tokens          # doctest: +SKIP
+    ('length', 2.4)
+    """
 
     text: str
     token_ids: list[int]
-    finish_reason: str  # "stop" (EOS or stop string) or "length"
+    finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens or the context) or "cancelled"
     stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class CancelFlag(Protocol):
+    """Anything with `is_set()`, such as a `threading.Event`: generation stops once it returns True."""
+
+    def is_set(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class SpeculationConfig:
+    """How an engine drafts and verifies: the arguments of `edgespec.load` that shape speculation, in one object.
+
+    `drafter`: "ngram" (default), None / "none" (plain decoding), a drafter model of the bundle ("draft",
+    "draft:NAME", "cross", "cross:NAME", "self"; staged specs such as "ngram>draft") or a `Drafter` instance. `draft_budget`: the
+    most draft nodes verified per step. `tree`: "auto", "plan", "scores", "chain:K" or "tree:WxD". `device`: a device
+    profile (None, "auto", a name, a file or a DeviceProfile). `ngram_cache` / `ngram_static`: the n-gram drafter's
+    persistent cache and static tier. Speculation never changes greedy output and keeps sampling lossless.
+
+    >>> spec = edgespec.SpeculationConfig(drafter="ngram", tree="plan", device="auto")   # doctest: +SKIP
+    >>> engine = edgespec.load("bundles/qwen", speculation=spec)                           # doctest: +SKIP
+    >>> engine.speculation.tree                                                            # doctest: +SKIP
+    'plan'
+    """
+
+    drafter: "str | Drafter | None" = "ngram"
+    draft_budget: int = 16
+    tree: str = "auto"
+    device: "str | os.PathLike | DeviceProfile | None" = None
+    ngram_cache: "str | os.PathLike | bool | None" = None
+    ngram_static: "str | os.PathLike | None" = None
+
+
+class _Cancel:
+    """The stop signals of one generation: the caller's flag, `TextStream.cancel` and `Engine.cancel`."""
+
+    def __init__(self, flag: CancelFlag | None):
+        if flag is not None and not callable(getattr(flag, "is_set", None)):
+            raise TypeError(f"cancel must have an is_set() method (a threading.Event), got {type(flag).__name__}")
+        self.flag = flag
+        self.event = threading.Event()
+        self.hit = False  # generation stopped because of it
+
+    def is_set(self) -> bool:
+        if self.event.is_set() or (self.flag is not None and self.flag.is_set()):
+            self.hit = True
+        return self.hit
+
+
+class TextStream:
+    """The text pieces of one generation, produced as they are iterated (`Engine.stream`, `Engine.chat_stream`).
+
+    Iterate it for the pieces (never splitting a multi-byte character); `result` holds the GenerationResult once it
+    ends. `close()` stops early (the result keeps the tokens so far, finish_reason "cancelled"); `cancel()` asks it
+    to stop from any thread, also during the prompt's prefill. While open, the stream holds the engine: other
+    threads' generations wait for it, and a second one from the same thread raises RuntimeError.
+
+    >>> with engine.stream("def add(a, b):", max_new_tokens=32) as stream:   # doctest: +SKIP
+    ...     for piece in stream:
+    ...         print(piece, end="", flush=True)
+    >>> stream.result.stats.tokens_per_second                                # doctest: +SKIP
+    41.7
+    """
+
+    def __init__(self, engine: "Engine", ids: list[int], config: GenerationConfig, cancel: CancelFlag | None = None):
+        self._cancel = _Cancel(cancel)
+        self._pieces: list[str] = []
+        self._result: GenerationResult | None = None
+        self._generator = engine._generate(ids, config, self._cancel, self._finished)
+
+    def _finished(self, result: GenerationResult) -> None:
+        result.text = "".join(self._pieces)
+        self._result = result
+
+    @property
+    def result(self) -> GenerationResult | None:
+        """The GenerationResult once the stream has ended or been closed (None before)."""
+        return self._result
+
+    def __iter__(self) -> "TextStream":
+        return self
+
+    def __next__(self) -> str:
+        piece = next(self._generator)  # StopIteration carries the GenerationResult, as a generator's return would
+        self._pieces.append(piece)
+        return piece
+
+    def cancel(self) -> None:
+        """Ask the generation to stop (thread-safe): it ends at the next prefill chunk or decoding step."""
+        self._cancel.event.set()
+
+    def close(self) -> None:
+        """Stop now and release the engine; the result keeps what was generated."""
+        self._generator.close()
+        if self._result is None:  # closed before the first piece was asked for: nothing ran
+            self._result = GenerationResult("", [], "cancelled", GenerationStats(stopped_early=True))
+
+    def __enter__(self) -> "TextStream":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 PLAIN_STEP_EVERY = 48  # speculative steps between two measured plain steps
@@ -105,12 +215,23 @@ def check_tree_policy(tree: str) -> str:
 
 
 class Engine:
-    """A loaded bundle: target runner, tokenizer and chat template."""
+    """A loaded bundle (`edgespec.load` returns one): the target model, its tokenizer and chat template, and the
+    drafter that speculates for it.
+
+    One generation runs at a time: an engine shared by several threads serves them one after another (each waits
+    for the lock), and a thread that opens a second generation while its own stream is still open gets a
+    RuntimeError instead of waiting for itself. `cancel()` stops the running generation from any thread; `close()`
+    (or a `with` block) persists the drafters' caches and releases the ONNX Runtime sessions.
+
+    >>> with edgespec.load("bundles/qwen") as engine:                              # doctest: +SKIP
+    ...     print(engine.chat([{"role": "user", "content": "Hi!"}], max_new_tokens=20).text)
+    Hello! How can I help you today?
+    """
 
     def __init__(self, manifest: Manifest, threads: int | None = None, max_context: int | None = None,
                  model: str | None = None, drafter: "str | Drafter | None" = None, draft_budget: int = 16,
                  ngram_cache=None, ngram_static=None, history=None, device=None, tree: str = "auto"):
-        self.manifest = manifest
+        self._manifest = manifest
         self.entry: ModelEntry = manifest.models[model] if model else manifest.target_model
         self.threads = threads or default_threads()
         try:
@@ -120,35 +241,38 @@ class Engine:
         if self.tokenizer.vocab_size > self.entry.vocab_size:
             raise BundleError(f"tokenizer {self.entry.tokenizer_path} has {self.tokenizer.vocab_size} tokens but the "
                              f"model's vocabulary is {self.entry.vocab_size}: wrong tokenizer for this model")
-        self.tree = check_tree_policy(tree)
+        self._tree = check_tree_policy(tree)
         # a fixed shape's rank paths (None for the adaptive policies)
         self._fixed_paths = None if tree in TREE_POLICIES else frozenset(rank_paths(fixed_shape(tree)))
         # the device profile (measured verification costs) drives the tree plan; without one, costs are measured as
         # we go
         self.profile = _resolve_profile(device, manifest, self.entry, self.threads)
         _check_memory(manifest, [self.entry], max_context, self.profile)
-        self.runner = ModelRunner(self.entry, threads=self.threads, max_context=max_context)
+        self._runner = ModelRunner(self.entry, threads=self.threads, max_context=max_context)
         self._cached_ids: list[int] = []  # token ids whose K/V are committed in the runner's cache
         self._lock = threading.Lock()  # one generation at a time: other threads wait for it
+        self._owner: int | None = None  # the thread holding the lock (its second generation would deadlock)
+        self._running: _Cancel | None = None  # the stop signals of the generation running now
+        self._speculation = SpeculationConfig(drafter, draft_budget, tree, device, ngram_cache, ngram_static)
         self._closed = False
         self.last_stats: GenerationStats | None = None
         self._warned_no_template = False
         if not isinstance(draft_budget, int) or isinstance(draft_budget, bool) or draft_budget < 0:
             raise ValueError(f"draft_budget must be an int >= 0, got {draft_budget!r}")
-        self.draft_budget = draft_budget
-        self.verify_cost = ProfileCost(self.profile) if self.profile is not None else VerifyCost()
+        self._draft_budget = draft_budget
+        self._verify_cost = ProfileCost(self.profile) if self.profile is not None else VerifyCost()
         self._steps_to_plain = 0  # speculative steps until the next plain (one-token) step is measured
-        self.calibration = Calibration()  # how the drafter's acceptance estimates compare with what happens
+        self._calibration = Calibration()  # how the drafter's acceptance estimates compare with what happens
         self.drafter: Drafter | None = make_drafter(drafter, self, ngram_cache=ngram_cache, ngram_static=ngram_static)
-        self.planner: Planner | None = self._make_planner()
+        self._planner: Planner | None = self._make_planner()
         self._warn_if_inexact_verification()
-        self.history = _session_log(history, manifest.root, self.entry.name)
+        self._history = _session_log(history, manifest.root, self.entry.name)
 
     # ---- public API -------------------------------------------------------------------------------------------
     @property
     def context_length(self) -> int:
         """Tokens of context this engine can hold."""
-        return self.runner.max_context
+        return self._runner.max_context
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt text -> token ids (BOS added when the model wants one)."""
@@ -172,41 +296,97 @@ class Engine:
             text = text[len(bos):]  # encode() adds the BOS id itself
         return text
 
-    def generate(self, prompt: str | list[int], **config) -> GenerationResult:
-        """Generate a completion of `prompt` (text or token ids). Keyword arguments are GenerationConfig fields."""
-        pieces = []
+    def generate(self, prompt: str | list[int], *, cancel: CancelFlag | None = None, **config) -> GenerationResult:
+        """Generate a completion of `prompt` (text or token ids). Keyword arguments are GenerationConfig fields
+        (max_new_tokens, temperature, top_k, top_p, seed, stop, ...); `cancel` is an optional flag (a
+        threading.Event) that stops the generation once set, as `Engine.cancel()` does.
+
+        >>> engine.generate("def fib(n):", max_new_tokens=48, stop=["\\n\\n"]).text   # doctest: +SKIP
+        """
+        stream = self.stream(prompt, cancel=cancel, **config)
+        for _ in stream:
+            pass
+        return stream.result
+
+    def stream(self, prompt: str | list[int], *, cancel: CancelFlag | None = None, **config) -> TextStream:
+        """Generate like `generate`, yielding text pieces as they come (never splitting a multi-byte character).
+
+        Options and the prompt are checked at once (errors raise here, not at the first piece); the stream's
+        `result` holds the GenerationResult once it ends.
+
+        >>> for piece in engine.stream("def fib(n):", max_new_tokens=48):   # doctest: +SKIP
+        ...     print(piece, end="", flush=True)
+        """
         config = self._config(config)
-        gen = self._generate(self._prompt_ids(prompt, config), config)
+        return TextStream(self, self._prompt_ids(prompt, config), config, cancel)
+
+    def chat(self, messages: list[dict], *, cancel: CancelFlag | None = None, **config) -> GenerationResult:
+        """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...]) under the model's chat template.
+        Successive turns reuse the cached prefix, and the n-gram drafter learns the session as it goes.
+
+        >>> engine.chat([{"role": "user", "content": "Write hello world in C."}]).text   # doctest: +SKIP
+        """
+        return self.generate(self.render_chat(messages), cancel=cancel, **config)
+
+    def chat_stream(self, messages: list[dict], *, cancel: CancelFlag | None = None, **config) -> TextStream:
+        """Streaming form of `chat`.
+
+        >>> for piece in engine.chat_stream([{"role": "user", "content": "Hi!"}]):   # doctest: +SKIP
+        ...     print(piece, end="")
+        """
+        return self.stream(self.render_chat(messages), cancel=cancel, **config)
+
+    def cancel(self) -> bool:
+        """Stop the generation running now, from any thread. It ends at its next prefill chunk or decoding step with
+        finish_reason "cancelled" and keeps the tokens produced so far; generations waiting for the engine are not
+        affected. Returns whether a generation was running.
+
+        >>> threading.Timer(2.0, engine.cancel).start()                 # doctest: +SKIP
+        >>> engine.generate(long_prompt, max_new_tokens=2000).finish_reason   # doctest: +SKIP
+        'cancelled'
+        """
+        running = self._running
+        if running is None:
+            return False
+        running.event.set()
+        return True
+
+    @property
+    def bundle_path(self) -> str:
+        """The bundle folder this engine was loaded from."""
+        return str(self._manifest.root)
+
+    @property
+    def speculation(self) -> SpeculationConfig:
+        """The speculation settings in force (the drafter by name, the tree policy resolved, the device profile by
+        name)."""
+        spec = self._speculation
+        drafter = None if self.drafter is None else self.drafter.name
+        device = None if self.profile is None else self.profile.name
+        return SpeculationConfig(drafter, spec.draft_budget, self.tree_policy, device, spec.ngram_cache,
+                                 spec.ngram_static)
+
+    @contextmanager
+    def _exclusive(self, timeout: float | None = None):
+        """Hold the engine (one generation or state change at a time). Other threads wait; the thread that already
+        holds it gets a RuntimeError (waiting would deadlock)."""
+        if self._owner == threading.get_ident():
+            raise RuntimeError("this thread still has a generation open on this engine (an unfinished stream): "
+                               "finish or close it first")
+        if not self._lock.acquire(timeout=-1 if timeout is None else timeout):
+            raise RuntimeError(f"engine still generating after {timeout:.0f} s: close the stream first")
+        self._owner = threading.get_ident()
         try:
-            while True:
-                pieces.append(next(gen))
-        except StopIteration as stop:
-            result: GenerationResult = stop.value
-        result.text = "".join(pieces)
-        return result
-
-    def stream(self, prompt: str | list[int], **config) -> Iterator[str]:
-        """Yield text pieces as they are generated (never splitting a multi-byte character).
-
-        Options and the prompt are checked at once (errors raise here, not at the first piece)."""
-        config = self._config(config)
-        return self._generate(self._prompt_ids(prompt, config), config)
-
-    def chat(self, messages: list[dict], **config) -> GenerationResult:
-        """Answer the conversation `messages` ([{role, content}, ...]) using the model's chat template."""
-        return self.generate(self.render_chat(messages), **config)
-
-    def chat_stream(self, messages: list[dict], **config) -> Iterator[str]:
-        """Streaming form of `chat`."""
-        return self.stream(self.render_chat(messages), **config)
+            yield
+        finally:
+            self._owner = None
+            self._lock.release()
 
     def close(self, timeout: float = 30.0) -> None:
         """Finish with this engine: wait (up to `timeout` seconds) for a running generation, save the drafters'
         persistent caches, and release the ONNX Runtime sessions. Later generations raise RuntimeError; closing
         twice is harmless. Also `with edgespec.load(...) as engine:`."""
-        if not self._lock.acquire(timeout=timeout):
-            raise RuntimeError(f"engine still generating after {timeout:.0f} s: close the stream first")
-        try:
+        with self._exclusive(timeout):
             if self._closed:
                 return
             self._closed = True
@@ -219,10 +399,8 @@ class Engine:
                     except OSError as exc:
                         warnings.warn(f"drafter {stage.name!r} cache not saved: {exc}", UserWarning, stacklevel=2)
                 stage = getattr(stage, "stage", None)
-            self.drafter = self.planner = None
-            self.runner = None  # the sessions go with the last reference
-        finally:
-            self._lock.release()
+            self.drafter = self._planner = None
+            self._runner = None  # the sessions go with the last reference
 
     def __enter__(self) -> "Engine":
         return self
@@ -236,45 +414,51 @@ class Engine:
 
     def reset(self) -> None:
         """Forget the cached prefix and the drafter's session state (a new conversation)."""
-        if self._closed:
-            return
-        self.runner.reset()
-        self._cached_ids = []
-        if self.drafter is not None:
-            self.drafter.reset()
+        with self._exclusive():
+            if self._closed:
+                return
+            self._runner.reset()
+            self._cached_ids = []
+            if self.drafter is not None:
+                self.drafter.reset()
 
     def set_drafter(self, drafter: "str | Drafter | None", **options) -> None:
-        """Switch drafting: None or "none" (plain decoding), "ngram", or any Drafter instance."""
-        self.drafter = make_drafter(drafter, self, **options)
-        self.calibration = Calibration()  # what was learnt about the previous drafter's estimates does not carry over
-        self.planner = self._make_planner()
+        """Switch drafting: None or "none" (plain decoding), "ngram", a drafter model spec (as `load`), or any
+        Drafter instance. Waits for a running generation."""
+        with self._exclusive():
+            self._check_open()
+            self.drafter = make_drafter(drafter, self, **options)
+            self._calibration = Calibration()  # what was learnt about the previous drafter's estimates is dropped
+            self._planner = self._make_planner()
+            self._speculation = SpeculationConfig(drafter, self._draft_budget, self._tree, self._speculation.device,
+                                                  options.get("ngram_cache"), options.get("ngram_static"))
         self._warn_if_inexact_verification()
 
     @property
     def tree_policy(self) -> str:
         """The tree policy in force: "plan", "scores" or a fixed shape ("auto" resolved)."""
-        if self.tree == "auto":
+        if self._tree == "auto":
             return "plan" if self.profile is not None else "scores"
-        return self.tree
+        return self._tree
 
     def plans(self, context: int | None = None) -> list[dict]:
         """The planner's current plan per confidence bucket (empty without a planner)."""
-        if self.planner is None:
+        if self._planner is None:
             return []
-        return self.planner.describe(len(self._cached_ids) if context is None else context)
+        return self._planner.describe(len(self._cached_ids) if context is None else context)
 
     def _make_planner(self) -> Planner | None:
         if self.drafter is None or self.tree_policy != "plan":
             return None
         dynamic = bool(getattr(self.drafter, "dynamic", False))
         return Planner(self._verify_seconds, self._draft_seconds if dynamic else None,
-                       max_nodes=min(self.draft_budget, 64), dynamic=dynamic)
+                       max_nodes=min(self._draft_budget, 64), dynamic=dynamic)
 
     def _verify_seconds(self, tokens: int, context: int) -> float:
         """The target's forward time for `tokens` tokens at `context` (the profile's, else measured online)."""
         if self.profile is not None:
             return self.profile.verify_seconds(tokens, context)
-        return self.verify_cost.cost(tokens)
+        return self._verify_cost.cost(tokens)
 
     def _draft_seconds(self, depth: int, nodes: int) -> float:
         """A model drafter's time for a tree `depth` deep: one forward per level (measured online, else from the
@@ -311,31 +495,32 @@ class Engine:
             return set(config.eos_token_ids)
         return set(self.entry.eos_token_ids)
 
-    def _prefill(self, ids: list[int], stats: GenerationStats) -> np.ndarray:
-        """Feed the prompt, reusing the longest cached prefix; returns the logits after the last prompt token."""
+    def _prefill(self, ids: list[int], stats: GenerationStats, cancel: _Cancel) -> np.ndarray | None:
+        """Feed the prompt, reusing the longest cached prefix; returns the logits after the last prompt token, or
+        None when cancelled between two chunks (the chunks fed so far stay cached for the next call)."""
         common = common_prefix_length(self._cached_ids, ids[:-1])  # always re-run at least the last prompt token
-        self.runner.rewind(common)
+        self._runner.rewind(common)
         self._cached_ids = self._cached_ids[:common]
         stats.reused_prompt_tokens = common
-        logits = self.runner.prefill(ids[common:])
-        self._cached_ids = list(ids)
+        logits = self._runner.prefill(ids[common:], stop=cancel.is_set)
+        self._cached_ids = list(ids[:self._runner.length])
         return logits
 
     def _log(self, prompt_ids: list[int], output_ids: list[int]) -> None:
         """Append the prompt and output to the session history (for `edgespec adapt`); a failed write warns."""
-        if self.history is None or not output_ids:
+        if self._history is None or not output_ids:
             return
         try:
-            self.history.append(self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
+            self._history.append(self.tokenizer.decode(prompt_ids, skip_special_tokens=False),
                                 self.tokenizer.decode(output_ids, skip_special_tokens=False),
                                 prompt_ids, output_ids, self.entry.name)
         except OSError as exc:
-            warnings.warn(f"session history {self.history.path} not written: {exc}", UserWarning, stacklevel=3)
+            warnings.warn(f"session history {self._history.path} not written: {exc}", UserWarning, stacklevel=3)
 
     def _decode_step(self, token: int) -> np.ndarray:
         """Append one token and return the logits that follow it."""
-        logits = self.runner.forward([token])[0]
-        self.runner.commit()
+        logits = self._runner.forward([token])[0]
+        self._runner.commit()
         self._cached_ids.append(token)
         return logits
 
@@ -345,27 +530,32 @@ class Engine:
         return sample(process_logits(logits, config.temperature, config.top_k, config.top_p), rng)
 
     def _tokens(self, ids: list[int], config: GenerationConfig, stats: GenerationStats,
-                budget: int) -> Iterator[int]:
-        """The decoding loop: yields each new token id (the caller decides when to stop).
+                budget: int, cancel: _Cancel) -> Iterator[int]:
+        """The decoding loop: yields each new token id (the caller decides when to stop; `cancel` ends it before
+        the next prefill chunk or step).
 
         Without a drafter every step scores one token; with one, each step verifies a draft tree and yields the
         accepted tokens and the target's bonus token. `budget` bounds how many tokens the caller can take."""
         rng = np.random.default_rng(config.seed)
-        drafter = self.drafter if self.draft_budget > 0 else None
+        drafter = self.drafter if self._draft_budget > 0 else None
         stats.drafter = drafter.name if drafter is not None else "none"
         start = time.perf_counter()
-        logits = self._prefill(ids, stats)
+        logits = self._prefill(ids, stats, cancel)
         stats.prefill_seconds = time.perf_counter() - start
+        if logits is None:
+            return
         stats.steps = 1  # the prefill forward yields the first token (Spec-Bench counts it as a step)
         token = self._choose(logits, config, rng)
         if drafter is None:
             while True:
                 yield token
+                if cancel.is_set():
+                    return
                 t = time.perf_counter()
                 logits = self._decode_step(token)
                 seconds = time.perf_counter() - t
                 stats.decode_seconds += seconds
-                self.verify_cost.observe(1, seconds)
+                self._verify_cost.observe(1, seconds)
                 stats.steps += 1
                 token = self._choose(logits, config, rng)
         context = list(ids)
@@ -376,6 +566,8 @@ class Engine:
                 yield token
                 produced += 1
                 context.append(token)
+                if cancel.is_set():
+                    return
                 t = time.perf_counter()
                 if not started:  # after the first token is out: the drafter's prefill does not delay it
                     drafter.start(list(ids), config)
@@ -402,23 +594,23 @@ class Engine:
         verification cost). Returns the tree and, under a plan, the planner's prediction for the step."""
         t = time.perf_counter()
         room = self.context_length - len(context)  # slots left once the pending token is cached
-        max_nodes = min(self.draft_budget, room)
-        if isinstance(self.verify_cost, ProfileCost):
-            self.verify_cost.context = len(context)
+        max_nodes = min(self._draft_budget, room)
+        if isinstance(self._verify_cost, ProfileCost):
+            self._verify_cost.context = len(context)
         else:
             # a plain step now and then keeps the cost of scoring one token measured (what drafting must beat); it
             # is not extrapolated from multi-token forwards, which take another kernel path on CPUs
             self._steps_to_plain -= 1
-            if 1 not in self.verify_cost.seconds or self._steps_to_plain < 0:
+            if 1 not in self._verify_cost.seconds or self._steps_to_plain < 0:
                 max_nodes, self._steps_to_plain = 0, PLAIN_STEP_EVERY
         max_depth = min(remaining - 1, room)  # accepted + bonus never exceed what the caller can take
         if max_depth <= 0:
             max_nodes = 0
         ask = max_nodes
-        if self.planner is not None and max_nodes:
-            wanted = self.planner.request(len(context))
+        if self._planner is not None and max_nodes:
+            wanted = self._planner.request(len(context))
             # a static drafter (n-grams) grows best-first: ask for more than the plan, then fit its shape
-            ask = min(max_nodes, wanted if self.planner.dynamic else 3 * wanted)
+            ask = min(max_nodes, wanted if self._planner.dynamic else 3 * wanted)
         elif self._fixed_paths is not None and max_nodes:
             ask = min(max_nodes, 3 * len(self._fixed_paths))
         # always asked (with no budget when no node can be verified), so the drafter knows this step was not its own
@@ -430,15 +622,15 @@ class Engine:
         if len(tree):
             tree = tree.prune(max_nodes, max_depth)
         if not len(tree):
-            return tree, self.planner.predict(tree, 0, len(context)) if self.planner is not None else None
+            return tree, self._planner.predict(tree, 0, len(context)) if self._planner is not None else None
         prediction = None
-        if self.planner is not None:
-            tree, prediction = self.planner.fit(tree, len(context))
+        if self._planner is not None:
+            tree, prediction = self._planner.fit(tree, len(context))
         elif self._fixed_paths is not None:
             tree = fit_to_shape(tree, self._fixed_paths)
         elif tree.scores is not None:  # keep only as many nodes as pay off at this device's verification cost
-            adjusted = self.calibration.adjust(tree.scores, tree.parents)
-            tree = tree.subtree(choose_nodes(adjusted, tree.parents, self.verify_cost.cost))
+            adjusted = self._calibration.adjust(tree.scores, tree.parents)
+            tree = tree.subtree(choose_nodes(adjusted, tree.parents, self._verify_cost.cost))
         return tree, prediction
 
     def _speculate_step(self, context: list[int], config: GenerationConfig, rng, stats: GenerationStats,
@@ -455,17 +647,17 @@ class Engine:
         fed_tokens = np.concatenate([[pending], tree.tokens]).astype(np.int64)
         fed_parents = np.concatenate([[-1], np.where(tree.parents < 0, 0, tree.parents + 1)]).astype(np.int64)
         t = time.perf_counter()
-        logits = self.runner.forward(fed_tokens, fed_parents)
+        logits = self._runner.forward(fed_tokens, fed_parents)
         seconds = time.perf_counter() - t
         stats.verify_seconds += seconds
-        self.verify_cost.observe(len(fed_tokens), seconds)
+        self._verify_cost.observe(len(fed_tokens), seconds)
         accepted_nodes, bonus = verify_tree(tree, logits, config, rng)
-        self.runner.commit([0] + [node + 1 for node in accepted_nodes])
+        self._runner.commit([0] + [node + 1 for node in accepted_nodes])
         accepted = [int(tree.tokens[node]) for node in accepted_nodes]
         if tree.scores is not None and len(tree):
-            self.calibration.update(tree.scores, tree.parents, accepted_nodes)
+            self._calibration.update(tree.scores, tree.parents, accepted_nodes)
         if prediction is not None:
-            self.planner.observe(tree, accepted_nodes, prediction.bucket)
+            self._planner.observe(tree, accepted_nodes, prediction.bucket)
         self._cached_ids.append(pending)
         self._cached_ids.extend(accepted)
         stats.drafted_tokens += len(tree)
@@ -505,30 +697,36 @@ class Engine:
             raise ValueError(f"token id {bad[0]} is outside the vocabulary of {self.entry.vocab_size}")
         return ids
 
-    def _generate(self, ids: list[int], config: GenerationConfig):
-        """Generator of text pieces; returns the GenerationResult (text filled in by the caller)."""
-        with self._lock:
+    def _generate(self, ids: list[int], config: GenerationConfig, cancel: _Cancel,
+                  finished: "Callable[[GenerationResult], None]"):
+        """Generator of text pieces (what a TextStream iterates); returns the GenerationResult and hands it to
+        `finished` also when the caller closes it early."""
+        with self._exclusive():
+            self._check_open()
             stats = GenerationStats(prompt_tokens=len(ids))
             budget = min(config.max_new_tokens, self.context_length - len(ids))
-            stop_ids = self._stop_ids(config)
             decoder = StreamDecoder(self.tokenizer)
             matcher = StopMatcher(list(config.stop))
             out_ids: list[int] = []
-            finish = "length"
+            finish = "cancelled"
             t0 = time.perf_counter()
-            self._check_open()
-            tokens = self._tokens(ids, config, stats, budget) if budget > 0 else iter(())
-            completed = False
+            self._running = cancel
+            tokens = self._tokens(ids, config, stats, budget, cancel) if budget > 0 else iter(())
             try:
-                finish = yield from self._pieces(tokens, stats, t0, stop_ids, decoder, matcher, out_ids, budget)
-                completed = True
+                finish = yield from self._pieces(tokens, stats, t0, self._stop_ids(config), decoder, matcher, out_ids,
+                                                 budget)
+                if cancel.hit:
+                    finish = "cancelled"
             finally:  # also when the caller closed the stream early: the stats and the history stay right
+                self._running = None
                 stats.new_tokens = len(out_ids)
                 stats.total_seconds = time.perf_counter() - t0
-                stats.stopped_early = not completed
+                stats.stopped_early = finish == "cancelled"
                 self.last_stats = stats
                 self._log(ids, out_ids)
-        return GenerationResult(text="", token_ids=out_ids, finish_reason=finish, stats=stats)
+                result = GenerationResult(text="", token_ids=out_ids, finish_reason=finish, stats=stats)
+                finished(result)
+        return result
 
     def _pieces(self, tokens, stats: GenerationStats, t0: float, stop_ids: set[int], decoder: StreamDecoder,
                 matcher: StopMatcher, out_ids: list[int], budget: int):
@@ -610,7 +808,7 @@ def _make_stage(part: str, engine: Engine, stage: Drafter | None, ngram_cache, n
         from .model_drafter import ModelDrafter
 
         entry = _drafter_entry(engine, options or None)
-        _check_memory(engine.manifest, [engine.entry, entry], engine.context_length, engine.profile)
+        _check_memory(engine._manifest, [engine.entry, entry], engine.context_length, engine.profile)
         runner = ModelRunner(entry, threads=engine.threads, max_context=engine.context_length)
         return ModelDrafter(runner, name=f"draft:{entry.name}", stage=stage, target_cost=engine.verify_cost.cost)
     if kind == "self":
@@ -630,15 +828,15 @@ def _cross_drafter(engine: Engine, name: str | None, stage: Drafter | None, ngra
     from . import ngram
     from .crossvocab import CrossVocabDrafter, open_cache, pair_fingerprint
 
-    drafters = engine.manifest.drafters()
+    drafters = engine._manifest.drafters()
     if name is not None:
-        if name not in engine.manifest.models or name == engine.entry.name:
+        if name not in engine._manifest.models or name == engine.entry.name:
             raise BundleError(f"bundle has no drafter {name!r} (drafters: {[d.name for d in drafters] or 'none'})")
-        entry = engine.manifest.models[name]
+        entry = engine._manifest.models[name]
     else:
         others = [d for d in drafters if not _same_vocabulary(d, engine.entry)]
         if not drafters:
-            raise BundleError(f"bundle {engine.manifest.root} has no drafter model: export one with "
+            raise BundleError(f"bundle {engine._manifest.root} has no drafter model: export one with "
                               f"`edgespec export TARGET --drafter MODEL`")
         entry = (others or drafters)[0]
     if stage is not None and not isinstance(stage, ngram.NGramDrafter):
@@ -657,7 +855,7 @@ def _cross_drafter(engine: Engine, name: str | None, stage: Drafter | None, ngra
                                                                     "ngram")
         path = ngram.default_cache_path(root, f"{engine.entry.name}--{entry.name}-crossvocab", fingerprint)
     cache = open_cache(path, fingerprint, entry.vocab_size, engine.entry.vocab_size)
-    _check_memory(engine.manifest, [engine.entry, entry], engine.context_length, engine.profile)
+    _check_memory(engine._manifest, [engine.entry, entry], engine.context_length, engine.profile)
     runner = ModelRunner(entry, threads=engine.threads, max_context=min(engine.context_length, entry.context_length))
     return CrossVocabDrafter(runner, draft_tokenizer, engine.tokenizer, engine.entry.vocab_size,
                              name=f"cross:{entry.name}", bos_id=entry.bos_token_id if entry.add_bos else None,
@@ -667,15 +865,15 @@ def _cross_drafter(engine: Engine, name: str | None, stage: Drafter | None, ngra
 
 def _drafter_entry(engine: Engine, name: str | None) -> ModelEntry:
     """The bundle's drafter model `name` (default: the first), checked to share the target's tokenizer."""
-    drafters = engine.manifest.drafters()
+    drafters = engine._manifest.drafters()
     if name is not None:
-        if name not in engine.manifest.models or name == engine.entry.name:
+        if name not in engine._manifest.models or name == engine.entry.name:
             raise BundleError(f"bundle has no drafter {name!r} (drafters: {[d.name for d in drafters] or 'none'})")
-        entry = engine.manifest.models[name]
+        entry = engine._manifest.models[name]
     elif drafters:  # the first one sharing the tokenizer (others are for 'cross')
         entry = next((d for d in drafters if _same_vocabulary(d, engine.entry)), drafters[0])
     else:
-        raise BundleError(f"bundle {engine.manifest.root} has no drafter model: export one with "
+        raise BundleError(f"bundle {engine._manifest.root} has no drafter model: export one with "
                           f"`edgespec export TARGET --drafter MODEL`")
     if entry.vocab_size != engine.entry.vocab_size or not _same_vocabulary(entry, engine.entry):
         raise BundleError(f"drafter {entry.name!r} does not share the tokenizer of {engine.entry.name!r} "
@@ -694,24 +892,43 @@ def _same_vocabulary(a: ModelEntry, b: ModelEntry) -> bool:
             == HFTokenizer.from_file(str(b.tokenizer_path)).get_vocab(with_added_tokens=True))
 
 
-def load(bundle_dir, threads: int | None = None, max_context: int | None = None, model: str | None = None,
-         drafter: "str | Drafter | None" = "ngram", draft_budget: int = 16, ngram_cache=None,
-         ngram_static=None, history=None, device=None, tree: str = "auto") -> Engine:
-    """Load a bundle folder and return an Engine for its target (or the named model).
+def load(bundle_dir: "str | os.PathLike", threads: int | None = None, max_context: int | None = None,
+         model: str | None = None, drafter: "str | Drafter | None" = "ngram", draft_budget: int = 16,
+         ngram_cache: "str | os.PathLike | bool | None" = None, ngram_static: "str | os.PathLike | None" = None,
+         history: "str | os.PathLike | bool | None" = None, device: "str | os.PathLike | DeviceProfile | None" = None,
+         tree: str = "auto", *, speculation: SpeculationConfig | None = None) -> Engine:
+    """Load a bundle folder (made by `edgespec export`) and return an Engine for its target (or the named model).
 
-    Decoding is speculative with the n-gram drafter by default (exact: greedy output is the target's own greedy
-    output); `drafter=None` gives plain decoding. `draft_budget` caps the draft tree's nodes per step.
+    `threads`: ONNX Runtime intra-op threads (default: the physical cores). `max_context`: tokens of context (default:
+    the bundle's). Decoding is speculative with the n-gram drafter by default (exact: greedy output is the target's
+    own greedy output); `drafter=None` gives plain decoding. `draft_budget` caps the draft tree's nodes per step.
     `history`: where each prompt and output is logged for `edgespec adapt` (None: the default file under
     $EDGESPEC_HISTORY_DIR, unless EDGESPEC_HISTORY=0; False: no logging; or a path).
     `device`: the device profile whose measured verification costs size the draft trees: None (costs measured as
     generation runs), "auto" (this device's profile for this bundle and thread count, measured quickly on first use
     and cached), a profile name (`edgespec profile --list`), a profile file, or a DeviceProfile. `tree`: how draft
     trees are sized: "auto" (planned from the profile when there is one, else cut by the drafter's scores), "plan",
-    "scores", or a fixed shape "chain:K" / "tree:WxD".
+    "scores", or a fixed shape "chain:K" / "tree:WxD". `speculation`: the same settings as one SpeculationConfig
+    (then leave drafter, draft_budget, tree, device, ngram_cache and ngram_static at their defaults).
 
-    >>> engine = edgespec.load("bundles/qwen")            # doctest: +SKIP
+    Raises BundleError (missing or corrupt bundle), MemoryBudgetError (it would not fit in memory) and ValueError
+    (bad settings), each naming the problem.
+
+    >>> engine = edgespec.load("bundles/qwen", device="auto")        # doctest: +SKIP
     >>> engine.generate("def add(a, b):", max_new_tokens=32).text   # doctest: +SKIP
     """
+    if speculation is not None:
+        if not isinstance(speculation, SpeculationConfig):
+            raise TypeError(f"speculation must be a SpeculationConfig, got {type(speculation).__name__}")
+        given = {name: value for name, value, default in (
+            ("drafter", drafter, "ngram"), ("draft_budget", draft_budget, 16), ("ngram_cache", ngram_cache, None),
+            ("ngram_static", ngram_static, None), ("device", device, None), ("tree", tree, "auto"))
+            if value is not default and value != default}
+        if given:
+            raise TypeError(f"give the speculation settings either as speculation=... or as arguments, not both "
+                            f"({', '.join(sorted(given))} given too)")
+        drafter, draft_budget, tree = speculation.drafter, speculation.draft_budget, speculation.tree
+        device, ngram_cache, ngram_static = speculation.device, speculation.ngram_cache, speculation.ngram_static
     return Engine(load_manifest(bundle_dir), threads=threads, max_context=max_context, model=model,
                   drafter=drafter, draft_budget=draft_budget, ngram_cache=ngram_cache, ngram_static=ngram_static,
                   history=history, device=device, tree=tree)

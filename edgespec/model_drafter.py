@@ -685,7 +685,7 @@ def parse_layer_option(text: str, num_layers: int) -> np.ndarray:
 def self_drafter(engine, options: str = "", stage: Drafter | None = None) -> ModelDrafter:
     """The target drafting for itself with a subset of its layers (`options`: 'exit=E', 'skip=...',
     'layers=...', optionally ',head=full'; empty: choose the layer set online)."""
-    runner = engine.runner
+    runner = engine._runner
     if not getattr(runner, "has_layer_gates", False):
         from .runtimes.manifest import BundleError
 
@@ -707,7 +707,7 @@ def self_drafter(engine, options: str = "", stage: Drafter | None = None) -> Mod
     else:
         candidates = candidate_layer_sets(n)
     use_head = head == "reduced" and getattr(runner, "draft_head_tokens", None) is not None
-    cost = engine.verify_cost.cost
+    cost = engine._verify_cost.cost
     search = LayerSearch(candidates, plain_rate=None if layer_parts else (lambda: 1.0 / max(cost(1), 1e-9)))
     return ModelDrafter(runner, name="self", stage=stage, target_cost=cost, shared_cache=True,
                         layer_search=search, draft_head=use_head)

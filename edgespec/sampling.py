@@ -26,7 +26,11 @@ class GenerationConfig:
     ``temperature`` with optional ``top_k`` (0 = off) and ``top_p`` (1.0 = off).  ``stop`` holds
     stop strings (a single string is accepted and wrapped).  ``eos_token_ids`` None means the
     model's own EOS ids; ``ignore_eos`` keeps generating past EOS.  ``seed`` None draws fresh
-    entropy.  Call :meth:`validate` before use.
+    entropy.  Call :meth:`validate` before use.  The engine's ``generate`` / ``stream`` / ``chat`` take these
+    fields as keyword arguments; sampled output follows the target's distribution with or without speculation.
+
+    >>> config = edgespec.GenerationConfig(max_new_tokens=64, temperature=0.7, top_p=0.9, seed=1)   # doctest: +SKIP
+    >>> engine.generate("Once upon a time", **dataclasses.asdict(config))                          # doctest: +SKIP
     """
 
     max_new_tokens: int = 128

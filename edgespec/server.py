@@ -447,7 +447,7 @@ def run_job(engine, job: Job) -> None:
         return
     job.started = time.monotonic()
     try:
-        generator = open_stream(engine, job.request)
+        generator = open_stream(engine, job.request, cancel=job._cancelled)
     except APIError as exc:
         job.post("error", exc)
         return
@@ -462,19 +462,20 @@ def run_job(engine, job: Job) -> None:
         return
     finally:
         generator.close()
-    if result is None:
+    if result is None or job.cancelled:  # cancelled (the engine may have stopped on the flag first)
         if job.cancel_error is not None:
             job.post("error", job.cancel_error)
         return
     job.post("done", ("".join(pieces), result))
 
 
-def open_stream(engine, request: CompletionRequest):
-    """`engine.stream(...)` for the request (chat: the model's template first); bad prompts raise APIError 400."""
+def open_stream(engine, request: CompletionRequest, cancel: threading.Event | None = None):
+    """`engine.stream(...)` for the request (chat: the model's template first); bad prompts raise APIError 400.
+    `cancel` stops the generation once set, also during the prompt's prefill."""
     param = "messages" if request.kind == "chat" else "prompt"
     try:
         prompt = engine.render_chat(request.messages) if request.kind == "chat" else request.prompt
-        return engine.stream(prompt, **request.options)
+        return engine.stream(prompt, cancel=cancel, **request.options)
     except ContextOverflow as exc:  # the engine's hint about truncate_prompt is for the Python API only
         message = str(exc).split(" (pass truncate_prompt")[0]
         raise APIError(400, message, "invalid_request_error", param, "context_length_exceeded") from None

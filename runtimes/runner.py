@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import onnxruntime as ort
@@ -213,8 +214,9 @@ class ModelRunner:
         """Empty the cache."""
         self.cache.rewind(0)
 
-    def prefill(self, tokens, chunk_size: int = 256) -> np.ndarray:
-        """Feed `tokens` in chunks and commit them; returns the logits [vocab] after the last token."""
+    def prefill(self, tokens, chunk_size: int = 256, stop: "Callable[[], bool] | None" = None) -> np.ndarray | None:
+        """Feed `tokens` in chunks and commit them; returns the logits [vocab] after the last token. `stop` is asked
+        before each chunk: when it returns True the chunks fed so far stay committed and None is returned."""
         tokens = np.asarray(tokens, dtype=np.int64).reshape(-1)
         if len(tokens) == 0:
             raise ValueError("prefill() needs at least one token")
@@ -224,6 +226,8 @@ class ModelRunner:
                 f"{self.max_context}")
         logits = None
         for start in range(0, len(tokens), chunk_size):
+            if stop is not None and stop():
+                return None
             chunk = tokens[start:start + chunk_size]
             last = start + chunk_size >= len(tokens)
             logits = self.forward(chunk, logit_positions=[len(chunk) - 1] if last else [0])

@@ -69,6 +69,15 @@ def leftovers(folder: Path, name: str) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------ files
+def record_check(result: dict, check, path: Path) -> None:
+    """After a kill: run `check(path)`; count the file valid (with its note) or record why it is corrupt."""
+    try:
+        result["notes"].append(check(path))
+        result["valid"] += 1
+    except BaseException as exc:  # noqa: BLE001 (a corrupt file may fail in any way)
+        result["corrupt"].append(f"{type(exc).__name__}: {exc}"[:500])
+
+
 def files(folder: Path, seed: int, rounds: int) -> dict:
     from edgespec.crossvocab import CrossVocabCache, open_cache
     from edgespec.devices.profile import DeviceProfile, load_profile
@@ -183,11 +192,7 @@ def files(folder: Path, seed: int, rounds: int) -> dict:
             if not path.exists():
                 result["absent"] += 1
                 continue
-            try:
-                result["notes"].append(check(path))
-                result["valid"] += 1
-            except BaseException as exc:  # noqa: BLE001
-                result["corrupt"].append(f"{type(exc).__name__}: {exc}"[:500])
+            record_check(result, check, path)
         result["leftover_temp_files"] = sum(leftovers(sub, p.name) for p in sub.iterdir() if not p.name.endswith(".tmp"))
         results[kind] = result
     return results
@@ -245,11 +250,7 @@ def bundles(folder: Path, seed: int, rounds: int, target_src: str, drafter_src: 
             result["absent"] += 1
             result["corrupt"].append("the bundle folder vanished (it existed before the export)")
             continue
-        try:
-            result["notes"].append(check(out))
-            result["valid"] += 1
-        except BaseException as exc:  # noqa: BLE001
-            result["corrupt"].append(f"{type(exc).__name__}: {exc}"[:500])
+        record_check(result, check, out)
     result["aside_folders"] = sorted(p.name for p in folder.iterdir() if ".old-" in p.name)
     results["export"] = result
 
@@ -277,11 +278,7 @@ def bundles(folder: Path, seed: int, rounds: int, target_src: str, drafter_src: 
         pid = fork(replace_loop)
         kill_at(pid, rng.uniform(0.05, 1.8) * seconds)
         result["rounds"] += 1
-        try:
-            result["notes"].append(check(bundle))
-            result["valid"] += 1
-        except BaseException as exc:  # noqa: BLE001
-            result["corrupt"].append(f"{type(exc).__name__}: {exc}"[:500])
+        record_check(result, check, bundle)
     code, _ = run_to_end(replace_once)  # still editable after all that; stale work folders cleaned
     result["final_replace_exit"] = code
     try:

@@ -246,7 +246,7 @@ def test_seeded_sampling_is_reproducible(engines):
     greedy = engine.generate(PROMPTS[0], max_new_tokens=32, ignore_eos=True)
     assert a.token_ids != greedy.token_ids  # temperature 1 on a random model really samples
     # a fresh engine with the same seed agrees (the seed, not the engine's history, decides)
-    assert load(engine.manifest.root).generate(PROMPTS[0], seed=1, **kw).token_ids == a.token_ids
+    assert load(engine.bundle_path).generate(PROMPTS[0], seed=1, **kw).token_ids == a.token_ids
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -492,12 +492,12 @@ def test_generations_are_logged_for_adaptation_unless_switched_off(tiny_bundles,
     assert records[0]["output_ids"] == result.token_ids and records[0]["output"] == result.text
     assert records[0]["prompt_ids"] == engine.encode("The quick") and records[0]["model"] == engine.entry.name
     assert "<|im_start|>" in records[1]["prompt"]  # the rendered chat, special tokens kept
-    assert load(tiny_bundles["qwen2"], threads=1, drafter=None, history=False).history is None
+    assert load(tiny_bundles["qwen2"], threads=1, drafter=None, history=False)._history is None
     monkeypatch.setenv("EDGESPEC_HISTORY", "0")
-    assert load(tiny_bundles["qwen2"], threads=1, drafter=None).history is None
+    assert load(tiny_bundles["qwen2"], threads=1, drafter=None)._history is None
     monkeypatch.setenv("EDGESPEC_HISTORY", "1")
     default = load(tiny_bundles["qwen2"], threads=1, drafter=None)
-    assert default.history is not None and default.history.path.name.endswith("--tiny-qwen2.jsonl")
+    assert default._history is not None and default._history.path.name.endswith("--tiny-qwen2.jsonl")
 
 
 def test_stream_closed_early_keeps_stats_and_close_releases_the_engine(tiny_bundles, tmp_path):

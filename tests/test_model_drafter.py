@@ -153,10 +153,10 @@ def test_drafter_specs_and_errors(tiny_bundles, pair_bundles):
         load(plain_bundle, drafter="self")
     engine = load(pair_bundles["same", "qwen2"], drafter="draft:copy")
     assert engine.drafter.name == "draft:copy"
-    engine.calibration.update(np.array([0.9]), np.array([-1]), [])  # learnt about the previous drafter
+    engine._calibration.update(np.array([0.9]), np.array([-1]), [])  # learnt about the previous drafter
     engine.set_drafter("ngram>draft", ngram_cache=False)
     assert engine.drafter.name == "ngram>draft:copy"
-    assert engine.calibration.estimated == 0.0  # a new drafter starts uncalibrated
+    assert engine._calibration.estimated == 0.0  # a new drafter starts uncalibrated
 
 
 def test_drafter_with_another_tokenizer_is_refused(tiny_models, tmp_path):
@@ -237,7 +237,7 @@ def test_self_speculation_greedy_is_exact(arch, spec, self_bundles, plain_output
         ids, expected = plain_outputs[arch, i]
         result = engine.generate(ids, max_new_tokens=48, ignore_eos=True)
         assert_exact_or_near_tie(engine.entry, ids, expected, result.token_ids, f"{arch} {spec} prompt {i}")
-        assert engine.runner.length == len(ids) + 47  # the last token is yielded, not cached
+        assert engine._runner.length == len(ids) + 47  # the last token is yielded, not cached
     assert drafter.counters["forwards"] > 0
     if spec.startswith("self:"):
         gates = drafter.layer_search.candidates

@@ -212,7 +212,7 @@ def test_plan_follows_the_device_profile(tiny_bundles, reference):
         drafter = OracleDrafter(ids + expected, len(ids), plain.entry.vocab_size, depth=8, distractors=1,
                                 corrupt_every=1000)
         engine = load(tiny_bundles["qwen2"], threads=2, drafter=drafter, device=_profile(slope), history=False)
-        assert engine.tree_policy == "plan" and engine.planner is not None
+        assert engine.tree_policy == "plan" and engine._planner is not None
         result = engine.generate(ids, max_new_tokens=40, ignore_eos=True)
         assert_exact_or_near_tie(plain.entry, ids, expected, result.token_ids, f"slope {slope}")
         outcomes[slope] = result.stats

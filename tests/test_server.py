@@ -99,6 +99,7 @@ class FakeEngine:
         self.prompts: list[str] = []
         self.produced: dict[str, int] = {}
         self.closed: dict[str, threading.Event] = {}
+        self.cancel_flags: dict[str, object] = {}  # the `cancel` flag each generation got (the engine checks it)
         self.threads: set[int] = set()
 
     def render_chat(self, messages):
@@ -111,6 +112,7 @@ class FakeEngine:
             raise RuntimeError("no engine today")
         self.prompts.append(prompt)
         self.produced[prompt], self.closed[prompt] = 0, threading.Event()
+        self.cancel_flags[prompt] = options.pop("cancel", None)
         return self._generate(prompt, min(self.pieces, options["max_new_tokens"]))
 
     def _generate(self, prompt, n):
@@ -215,6 +217,18 @@ def test_chat_streaming_equals_non_streaming(live, client, reference):
     assert last.choices == [] and last.usage.completion_tokens == 20
     assert last.usage.prompt_tokens == expected.stats.prompt_tokens
     assert all(c.usage is None for c in chunks[:-1])
+
+
+def test_openai_client_example_script_against_the_server(live):
+    """examples/openai_client.py (the official client, as a mobile backend uses it) prints the transcript with the
+    speculation stats, and its streamed answer equals the non-streamed one."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "openai_client.py"
+    done = subprocess.run([sys.executable, str(script), "--url", f"{live.url}/v1", "--max-tokens", "12"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "identical to non-streaming: True" in done.stdout
+    stats = [json.loads(line[len("edgespec: "):]) for line in done.stdout.splitlines() if line.startswith("edgespec: ")]
+    assert len(stats) == 3 and all(s["drafter"] == "ngram" and s["steps"] >= 1 for s in stats)
 
 
 def test_completions_text_and_token_ids(live, client, reference):
@@ -425,6 +439,7 @@ def test_streaming_client_disconnect_cancels_generation():
                         break
         assert engine.closed["long"].wait(5), "generation was not stopped"
         assert engine.produced["long"] < 100
+        assert engine.cancel_flags["long"].is_set()  # the real engine also checks it between prefill chunks
         wait_until(lambda: health(url)["in_flight"] == 0, what="worker idle")
         assert post(url, COMPLETIONS, {"model": "fake", "prompt": "next", "max_tokens": 2}).status_code == 200
 

@@ -454,9 +454,9 @@ def test_engine_measures_a_plain_step_now_and_then(tiny_bundles, monkeypatch):
     drafter = Recorder()
     engine = load(tiny_bundles["qwen2"], threads=1, drafter=drafter, draft_budget=4)
     engine.generate("The quick", max_new_tokens=16, ignore_eos=True)
-    assert 1 in engine.verify_cost.seconds
+    assert 1 in engine._verify_cost.seconds
     assert drafter.budgets[0] == 0 and drafter.budgets[1] == 4
     assert [i for i, b in enumerate(drafter.budgets[:-1]) if b == 0] == [0, 6, 12]
     plain = load(tiny_bundles["qwen2"], threads=1, drafter=None)
     plain.generate("The quick", max_new_tokens=4, ignore_eos=True)
-    assert 1 in plain.verify_cost.seconds  # plain decoding measures it too
+    assert 1 in plain._verify_cost.seconds  # plain decoding measures it too
