@@ -810,7 +810,7 @@ def _make_stage(part: str, engine: Engine, stage: Drafter | None, ngram_cache, n
         entry = _drafter_entry(engine, options or None)
         _check_memory(engine._manifest, [engine.entry, entry], engine.context_length, engine.profile)
         runner = ModelRunner(entry, threads=engine.threads, max_context=engine.context_length)
-        return ModelDrafter(runner, name=f"draft:{entry.name}", stage=stage, target_cost=engine.verify_cost.cost)
+        return ModelDrafter(runner, name=f"draft:{entry.name}", stage=stage, target_cost=engine._verify_cost.cost)
     if kind == "self":
         from .model_drafter import self_drafter
 
@@ -860,7 +860,7 @@ def _cross_drafter(engine: Engine, name: str | None, stage: Drafter | None, ngra
     return CrossVocabDrafter(runner, draft_tokenizer, engine.tokenizer, engine.entry.vocab_size,
                              name=f"cross:{entry.name}", bos_id=entry.bos_token_id if entry.add_bos else None,
                              cache=cache, cache_path=path, fingerprint=fingerprint, stage=stage,
-                             target_cost=engine.verify_cost.cost)
+                             target_cost=engine._verify_cost.cost)
 
 
 def _drafter_entry(engine: Engine, name: str | None) -> ModelEntry:
