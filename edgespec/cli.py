@@ -134,10 +134,11 @@ def cmd_chat(args) -> int:
         messages.append({"role": "user", "content": text})
         answer = []
         try:
-            for piece in engine.chat_stream(messages, **_gen_config(args)):
-                answer.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
+            with engine.chat_stream(messages, **_gen_config(args)) as stream:  # Ctrl-C closes it: the engine is free
+                for piece in stream:
+                    answer.append(piece)
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
         except KeyboardInterrupt:
             sys.stdout.write(" [stopped]")
         sys.stdout.write("\n")

@@ -268,3 +268,30 @@ def test_other_threads_wait_for_an_open_stream(engine, tiny_bundles):
     assert len(rest) >= 1 and stream.result.finish_reason == "length"
     assert done["r"].token_ids == reference(tiny_bundles, PROMPTS[1], 8)
 
+
+
+def test_cli_chat_ctrl_c_stops_the_answer_and_frees_the_engine(tiny_bundles, monkeypatch):
+    """Ctrl-C while an answer streams (raised in the consumer, as a terminal does) ends that answer; the next turn
+    runs on the same engine instead of finding it held by the abandoned stream."""
+    import io
+
+    from edgespec.cli import main
+
+    inputs = iter(["first question", "second question", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(inputs))
+
+    class Terminal(io.StringIO):
+        writes = 0
+
+        def write(self, text):
+            Terminal.writes += 1
+            if Terminal.writes == 3:  # the user presses Ctrl-C during the first answer
+                raise KeyboardInterrupt
+            return super().write(text)
+
+    out = Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    assert main(["chat", "--bundle", str(tiny_bundles["qwen2"]), "--threads", "1", "--device", "none",
+                 "--no-history", "--no-ngram-cache", "--max-new-tokens", "12"]) == 0
+    lines = out.getvalue().splitlines()
+    assert lines[0].endswith(" [stopped]") and len(lines) == 2 and lines[1]  # the second answer came in full
