@@ -107,16 +107,43 @@ def available_memory_mb() -> float | None:
     return round(available, 1) if available else None
 
 
-def process_rss_mb() -> float | None:
-    """Resident memory of this process in MB (VmRSS from /proc/self/status), None when unknown."""
+def _proc_status_kb(field: str) -> float | None:
+    """A kB figure of /proc/self/status (Linux), None when there is none."""
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
+                if line.startswith(field + ":"):
+                    return float(line.split()[1])
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def process_rss_mb() -> float | None:
+    """Resident memory of this process now, MB (VmRSS; psutil elsewhere when importable), None when unknown."""
+    kb = _proc_status_kb("VmRSS")
+    if kb is not None:
+        return kb / 1024
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil.Process().memory_info().rss / MB
+
+
+def process_peak_rss_mb() -> float | None:
+    """Peak resident memory of this process, MB (VmHWM, else ru_maxrss), None when unknown."""
+    kb = _proc_status_kb("VmHWM")
+    if kb is not None:
+        return kb / 1024
+    try:
+        import resource
+        import sys
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak / MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
+    except (ImportError, OSError):
+        return None
 
 
 # ------------------------------------------------------------------------------------------- what a bundle needs

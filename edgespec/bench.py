@@ -37,6 +37,8 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .devices.memory import process_peak_rss_mb as peak_rss_mb, process_rss_mb as current_rss_mb
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
 BASELINE = "plain"
@@ -573,44 +575,6 @@ def load_average() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except (AttributeError, OSError):
-        return None
-
-
-def _status_kb(field: str) -> float | None:
-    try:
-        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return float(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def current_rss_mb() -> float | None:
-    """Resident memory of this process now, MB."""
-    kb = _status_kb("VmRSS")
-    if kb is not None:
-        return kb / 1024
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:
-        return None
-
-
-def peak_rss_mb() -> float | None:
-    """Peak resident memory of this process, MB (VmHWM, or ru_maxrss)."""
-    kb = _status_kb("VmHWM")
-    if kb is not None:
-        return kb / 1024
-    try:
-        import resource
-
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak / 2**20 if sys.platform == "darwin" else peak / 1024
-    except (ImportError, OSError):
         return None
 
 

@@ -50,6 +50,7 @@ import numpy as np
 from .drafting import DraftTree, Drafter, VerifiedStep
 from .model_drafter import AcceptanceByProbability, ForwardCost, PaysOff
 from .ngram import MAGIC, CacheFileError, NGramCacheWarning, read_cache_header, read_npz, write_cache_file
+from .runtimes.manifest import short_repr
 from .runtimes.runner import ContextOverflow, ModelRunner
 from .sampling import GenerationConfig
 from .text import StreamDecoder, Tokenizer, common_prefix_length
@@ -210,7 +211,7 @@ class CrossVocabCache:
         if header.get("kind") != CACHE_KIND:
             raise CacheFileError("it is not an edgespec cross-vocabulary cache")
         if header.get("version") != CACHE_VERSION:
-            raise CacheFileError(f"it has version {str(header.get('version'))[:40]!r}, this runtime reads "
+            raise CacheFileError(f"it has version {short_repr(header.get('version'))}, this runtime reads "
                                  f"{CACHE_VERSION}")
         if header.get("fingerprint") != fingerprint:
             raise CacheFileError("it was built for another pair of tokenizers")

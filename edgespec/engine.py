@@ -253,7 +253,7 @@ class Engine:
         self._lock = threading.Lock()  # one generation at a time: other threads wait for it
         self._owner: int | None = None  # the thread holding the lock (its second generation would deadlock)
         self._running: _Cancel | None = None  # the stop signals of the generation running now
-        self._speculation = SpeculationConfig(drafter, draft_budget, tree, device, ngram_cache, ngram_static)
+        self._ngram_files = (ngram_cache, ngram_static)  # as given (the other speculation settings are derived)
         self._closed = False
         self.last_stats: GenerationStats | None = None
         self._warned_no_template = False
@@ -360,11 +360,9 @@ class Engine:
     def speculation(self) -> SpeculationConfig:
         """The speculation settings in force (the drafter by name, the tree policy resolved, the device profile by
         name)."""
-        spec = self._speculation
         drafter = None if self.drafter is None else self.drafter.name
         device = None if self.profile is None else self.profile.name
-        return SpeculationConfig(drafter, spec.draft_budget, self.tree_policy, device, spec.ngram_cache,
-                                 spec.ngram_static)
+        return SpeculationConfig(drafter, self._draft_budget, self.tree_policy, device, *self._ngram_files)
 
     @contextmanager
     def _exclusive(self, timeout: float | None = None):
@@ -430,8 +428,7 @@ class Engine:
             self.drafter = make_drafter(drafter, self, **options)
             self._calibration = Calibration()  # what was learnt about the previous drafter's estimates is dropped
             self._planner = self._make_planner()
-            self._speculation = SpeculationConfig(drafter, self._draft_budget, self._tree, self._speculation.device,
-                                                  options.get("ngram_cache"), options.get("ngram_static"))
+            self._ngram_files = (options.get("ngram_cache"), options.get("ngram_static"))
         self._warn_if_inexact_verification()
 
     @property

@@ -4,11 +4,12 @@ Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /
 `stream: true` as server-sent events). See docs/server.md for the fields, the errors and the `edgespec` extension
 field that carries the speculation statistics.
 
-Concurrency: the engine is not re-entrant, so every request becomes a `Job` in a bounded asyncio queue; one
-dispatcher task hands the jobs, one at a time, to ONE worker thread that owns the engine (it alone calls the
-engine). A full queue answers 429 at once. The worker runs `engine.stream(...)` and checks the job's cancel flag
-between pieces: a client that goes away (or a request over its time limit) stops its generation by closing the
-engine's generator; a queued job whose client went away is skipped.
+Concurrency: the engine runs one generation at a time, so every request becomes a `Job` in a bounded asyncio queue;
+one dispatcher task hands the jobs, one at a time, to ONE worker thread that owns the engine (it alone calls the
+engine). A full queue answers 429 at once. The worker runs `engine.stream(..., cancel=flag)` with the job's cancel
+flag: a client that goes away (or a request over its time limit) sets it, and the engine stops before its next
+prefill chunk or step (the worker also closes the stream between pieces); a queued job whose client went away is
+skipped.
 
 Starlette and uvicorn are imported inside the functions that need them, so `import edgespec` (and the CLI, which
 registers the `serve` command from here) works without them: `pip install 'edgespec[serve]'`.
@@ -422,7 +423,7 @@ class Job:
         return self._cancelled.is_set()
 
     def cancel(self, error: APIError | None = None) -> None:
-        """Stop the job: skipped if queued, its generation closed between two pieces if running."""
+        """Stop the job: skipped if queued; if running, the engine stops at its next prefill chunk or step."""
         if error is not None and self.cancel_error is None:
             self.cancel_error = error
         self._cancelled.set()
@@ -502,24 +503,13 @@ def drain(generator, job: Job, pieces: list[str]):
 
 
 def persist_caches(engine) -> str | None:
-    """At shutdown: `engine.close()` when the engine has one, else `save()` on the drafter (and its first stages)
-    that can. Returns what was done."""
+    """At shutdown: `engine.close()`, which saves the drafters' persistent caches and releases the sessions (an
+    engine without `close`, a test double, has nothing to persist). Returns what was done."""
     close = getattr(engine, "close", None)
-    if callable(close):
-        close()
-        return "close"
-    done = None
-    drafter = getattr(engine, "drafter", None)
-    while drafter is not None:
-        save = getattr(drafter, "save", None)
-        if callable(save):
-            try:
-                save()
-                done = "save"
-            except (OSError, TypeError) as exc:  # TypeError: a save() that wants arguments is not a cache save
-                logger.warning("drafter %s not saved: %s", getattr(drafter, "name", drafter), exc)
-        drafter = getattr(drafter, "stage", None)
-    return done
+    if not callable(close):
+        return None
+    close()
+    return "close"
 
 
 # ---- the service: queue, dispatcher, worker thread ------------------------------------------------------------
@@ -530,19 +520,11 @@ def engine_model_name(engine) -> str:
 
 
 def memory_usage() -> dict:
-    """This process's resident memory and its peak, in bytes (Linux /proc; peak from getrusage elsewhere)."""
-    out = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(("VmRSS:", "VmHWM:")):
-                    key = "rss_bytes" if line.startswith("VmRSS") else "peak_rss_bytes"
-                    out[key] = int(line.split()[1]) * 1024
-    except OSError:
-        import resource
+    """This process's resident memory and its peak, in bytes (`edgespec.devices.memory`; absent when unknown)."""
+    from .devices.memory import process_peak_rss_mb, process_rss_mb
 
-        out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return out
+    figures = {"rss_bytes": process_rss_mb(), "peak_rss_bytes": process_peak_rss_mb()}
+    return {key: round(mb * 2**20) for key, mb in figures.items() if mb is not None}
 
 
 class Service:

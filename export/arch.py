@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
+from ..runtimes.manifest import short_repr
+
 SUPPORTED_ARCHITECTURES = ("qwen2", "llama", "gemma3")
 
 # Hugging Face `model_type` -> our architecture name.
@@ -92,9 +94,8 @@ def spec_from_gguf_fields(fields: dict, tensor_names: set[str]) -> ArchSpec:
     ValueError naming the key."""
     arch = fields.get("general.architecture")
     if not isinstance(arch, str) or arch not in SUPPORTED_ARCHITECTURES:
-        shown = repr(arch) if not isinstance(arch, str) or len(arch) < 80 else repr(arch[:80] + "...")
         raise UnsupportedArchitecture(
-            f"GGUF architecture {shown} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            f"GGUF architecture {short_repr(arch)} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
         )
 
     def get(key, default=None):
@@ -107,13 +108,13 @@ def spec_from_gguf_fields(fields: dict, tensor_names: set[str]) -> ArchSpec:
         value = get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= GGUF_LIMITS[key]:
             raise ValueError(f"GGUF metadata {arch}.{key} must be an integer in 1..{GGUF_LIMITS[key]}, "
-                             f"got {_shown(value)}")
+                             f"got {short_repr(value, 60)}")
         return value
 
     def positive(key, default=None) -> float:
         value = get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-            raise ValueError(f"GGUF metadata {arch}.{key} must be a finite positive number, got {_shown(value)}")
+            raise ValueError(f"GGUF metadata {arch}.{key} must be a finite positive number, got {short_repr(value, 60)}")
         return float(value)
 
     hidden = count("embedding_length")
@@ -129,7 +130,7 @@ def spec_from_gguf_fields(fields: dict, tensor_names: set[str]) -> ArchSpec:
         vocab = len(tokens) if isinstance(tokens, list) else 0
     if isinstance(vocab, bool) or not isinstance(vocab, int) or not 1 <= vocab <= GGUF_LIMITS["vocab_size"]:
         raise ValueError(f"GGUF metadata gives no usable vocabulary size ({arch}.vocab_size or the length of "
-                         f"tokenizer.ggml.tokens), got {_shown(vocab)}")
+                         f"tokenizer.ggml.tokens), got {short_repr(vocab, 60)}")
     common = dict(
         architecture=arch,
         num_layers=layers,
@@ -160,12 +161,6 @@ def spec_from_gguf_fields(fields: dict, tensor_names: set[str]) -> ArchSpec:
         activation="gelu_tanh",
         attention_scale=float(head_dim) ** -0.5,
     )
-
-
-def _shown(value, limit: int = 60) -> str:
-    """A short repr of a metadata value for an error message."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def spec_from_hf_config(config: dict) -> ArchSpec:
