@@ -453,18 +453,29 @@ def _sample_ids(entry: ModelEntry, count: int) -> list[int]:
     return (ids * repeats)[:count]
 
 
-def _median_ms(runner, ids: list[int], context: int, size: int, repeats: int, warmup: bool) -> float:
-    """Median wall time (ms) of `runner.forward(size chain tokens)` on top of `context` cached tokens."""
-    tokens = ids[context:context + size]
-    times = []
-    for i in range(repeats + (1 if warmup else 0)):
+def _interleaved_ms(runner, ids: list[int], context: int, sizes: list[int], repeats: int, warmup: bool,
+                    tick: "Callable[[], None] | None" = None) -> list[float]:
+    """Median wall time (ms) per size of `runner.forward(size chain tokens)` on top of `context` cached tokens
+    (rewound after each). The sizes are timed in rounds, every size once per round, so drift during the
+    measurement (a laptop's or phone's clock throttling, a neighbour's load) moves every size alike and leaves
+    the curve's shape, which sizes the trees, intact. `warmup`: an untimed round first (else one untimed forward
+    of the smallest size). `tick` is called after each timed forward."""
+    def timed(size: int) -> float:
         start = time.perf_counter()
-        runner.forward(tokens)
+        runner.forward(ids[context:context + size])
         elapsed = time.perf_counter() - start
         runner.rewind(context)
-        if i or not warmup:
-            times.append(elapsed)
-    return max(round(statistics.median(times) * 1000.0, 4), 1e-4)
+        return elapsed
+
+    for size in (sizes if warmup else sizes[:1]):
+        timed(size)
+    times: list[list[float]] = [[] for _ in sizes]
+    for _ in range(repeats):
+        for index, size in enumerate(sizes):
+            times[index].append(timed(size))
+            if tick is not None:
+                tick()
+    return [max(round(statistics.median(t) * 1000.0, 4), 1e-4) for t in times]
 
 
 def _check_sizes(values, what: str) -> list[int]:
@@ -511,23 +522,24 @@ def _fill_context(runner, ids: list[int], context: int, synthetic: bool) -> None
 
 
 def _measure_table(runner, entry, contexts, sizes, repeats, quick, progress, label, done, total):
-    """Rows of median ms (one per context, one value per size), filling the cache up to each context in turn.
-    Full profiles prefill real tokens and warm up every size; quick ones use a synthetic context and warm up once
-    per context."""
+    """Rows of median ms (one per context, one value per size; `_interleaved_ms`), filling the cache up to each
+    context in turn. Full profiles prefill real tokens and warm up with a whole round; quick ones use a synthetic
+    context and one warm-up forward per context. `progress(done, total, label)` counts timed forwards."""
     ids = _sample_ids(entry, contexts[-1] + sizes[-1])
     rows = []
+    counter = [done]
+
+    def tick() -> None:
+        counter[0] += 1
+        if progress:
+            progress(counter[0], total, label)
+
     runner.reset()
     for context in contexts:
         _fill_context(runner, ids, context, synthetic=quick)
-        row = []
-        for index, size in enumerate(sizes):
-            row.append(_median_ms(runner, ids, context, size, repeats, warmup=not quick or index == 0))
-            done += 1
-            if progress:
-                progress(done, total, label)
-        rows.append(row)
+        rows.append(_interleaved_ms(runner, ids, context, sizes, repeats, warmup=not quick, tick=tick))
     runner.reset()
-    return rows, done
+    return rows, counter[0]
 
 
 def measure_profile(manifest: Manifest, threads: int | None = None, contexts=None, sizes=None,
@@ -538,10 +550,11 @@ def measure_profile(manifest: Manifest, threads: int | None = None, contexts=Non
 
     For each context (default 128, 512, 1536, capped below the context length minus 64) the cache is prefilled
     with real-ish token ids, then each size n (default 1..64) is scored as a chain with `runner.forward` and
-    rewound; the median of `repeats` (default 3) runs after a warm-up is kept. Drafters: sizes 1, 2, 4, 8, 16 at
-    the first context. `quick`: one context (512 or less), sizes 1-16, 2 repeats, drafters at 1 and 4, a synthetic
-    context instead of a prefill and one warm-up per context (a few seconds plus the model loads for a 1.5B 4-bit
-    model on 2 threads). `progress(done, total, label)` is called after each measured size. The profile's
+    rewound, in `repeats` (default 3) interleaved rounds after a warm-up round; each size's median is kept. Drafters: sizes 1, 2, 4, 8, 16 at
+    the first context. The sizes are timed in interleaved rounds (`_interleaved_ms`). `quick`: one context (512 or
+    less), sizes 1-16, 2 repeats, drafters at 1 and 4, a synthetic context instead of a prefill and one warm-up
+    forward per context (a few seconds plus the model loads for a 1.5B 4-bit model on 2 threads).
+    `progress(done, total, label)` is called after each timed forward. The profile's
     name is its default file stem (`default_profile_path`); nothing is written here."""
     from ..runtimes.runner import default_threads
 
@@ -558,7 +571,7 @@ def measure_profile(manifest: Manifest, threads: int | None = None, contexts=Non
     drafter_sizes = _check_sizes(drafter_sizes if drafter_sizes is not None else
                                  (QUICK_DRAFTER_SIZES if quick else DEFAULT_DRAFTER_SIZES), "drafter sizes")
     drafter_entries = [m for m in manifest.drafters() if m.name != entry.name] if drafters else []
-    total = len(contexts) * len(sizes) + len(drafter_entries) * len(drafter_sizes)
+    total = (len(contexts) * len(sizes) + len(drafter_entries) * len(drafter_sizes)) * repeats
 
     device = dict(describe_device())
     memory = {"total_mb": total_memory_mb(), "available_mb": available_memory_mb()}

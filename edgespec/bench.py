@@ -126,8 +126,9 @@ def register_mode(name: str):
 def _run(engine, prompt: str, gen_config: dict):
     result = engine.generate(prompt, **gen_config)
     stats = {**result.stats.to_dict(), "finish_reason": result.finish_reason}
-    if getattr(engine, "planner", None) is not None:
-        stats["plans"] = engine.plans()  # the plan per confidence bucket at the end of this prompt
+    plans = engine.plans() if hasattr(engine, "plans") else []
+    if plans:
+        stats["plans"] = plans  # the plan per confidence bucket at the end of this prompt
     return result.token_ids, stats
 
 

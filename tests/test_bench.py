@@ -359,3 +359,18 @@ def test_planner_table_compares_predictions_with_measurements():
     assert table[0][1] == str(steps) and table[0][2] == "1.50" and table[0][3] == "1.20"
     assert table[0][4] == "7.5" and table[0][5] == "5.0" and "0.7-1.0: 3 [1, 1, 1]" in table[0][6]
     assert "Planner predictions" in bench.render_markdown(result)
+
+
+def test_planned_rows_carry_the_last_plans(tiny_bundles):
+    """A planned system's rows keep the engine's plan per bucket (the planner table's last column)."""
+    from edgespec.engine import load
+
+    engine = load(tiny_bundles["qwen2"], threads=1, drafter="ngram", history=False, tree="plan")
+    try:
+        _, stats = bench.ngram_mode(engine, "def f(x): return x + 1\ndef f(x):", bench.bench_gen_config(12))
+        assert stats["plans"] and {"bucket", "nodes", "widths"} <= set(stats["plans"][0])
+        engine.set_drafter(None)
+        _, plain = bench.plain_mode(engine, "hello", bench.bench_gen_config(4))
+        assert "plans" not in plain
+    finally:
+        engine.close()

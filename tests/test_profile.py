@@ -354,3 +354,35 @@ def test_measured_dips_are_smoothed_to_a_nondecreasing_curve():
     fitted = nondecreasing(values)
     assert all(a <= b + 1e-12 for a, b in zip(fitted, fitted[1:]))
     assert sum(fitted) == pytest.approx(sum(values))  # pooling keeps the total
+
+
+# ------------------------------------------------------------------------------------------------ interleaving
+class _DriftingRunner:
+    """A fake runner whose forwards take longer the more have run (a throttling clock): a forward of n tokens
+    'costs' n units times the drift factor, read back through a fake perf_counter."""
+
+    def __init__(self):
+        self.calls, self.clock, self.rewinds = [], 0.0, []
+
+    def forward(self, tokens):
+        self.calls.append(len(tokens))
+        self.clock += len(tokens) * (1.0 + 0.05 * len(self.calls))
+
+    def rewind(self, length):
+        self.rewinds.append(length)
+
+
+def test_sizes_are_timed_in_interleaved_rounds(monkeypatch):
+    runner = _DriftingRunner()
+    monkeypatch.setattr(profile_module.time, "perf_counter", lambda: runner.clock)
+    ticks = []
+    ms = profile_module._interleaved_ms(runner, list(range(100)), 10, [1, 2, 4], repeats=3, warmup=True,
+                                        tick=lambda: ticks.append(1))
+    assert runner.calls == [1, 2, 4] * 4  # a warm-up round, then three timed rounds
+    assert set(runner.rewinds) == {10} and len(ticks) == 9
+    # drift hits every size alike: each size's median comes from the same round, so the ratios stay near n
+    assert ms[1] / ms[0] == pytest.approx(2.0, rel=0.06) and ms[2] / ms[0] == pytest.approx(4.0, rel=0.12)
+    quick = _DriftingRunner()
+    monkeypatch.setattr(profile_module.time, "perf_counter", lambda: quick.clock)
+    profile_module._interleaved_ms(quick, list(range(100)), 0, [1, 2, 4], repeats=2, warmup=False)
+    assert quick.calls == [1] + [1, 2, 4] * 2  # quick: one warm-up forward, then the rounds
