@@ -386,3 +386,16 @@ def test_sizes_are_timed_in_interleaved_rounds(monkeypatch):
     monkeypatch.setattr(profile_module.time, "perf_counter", lambda: quick.clock)
     profile_module._interleaved_ms(quick, list(range(100)), 0, [1, 2, 4], repeats=2, warmup=False)
     assert quick.calls == [1] + [1, 2, 4] * 2  # quick: one warm-up forward, then the rounds
+
+
+def test_shipped_profiles_load_and_are_named_after_their_contents():
+    from edgespec.devices.profile import default_profile_name, shipped_profiles_dir
+
+    paths = sorted(shipped_profiles_dir().glob("*.json"))
+    assert paths, "the package ships device profiles"
+    for path in paths:
+        p = load_profile(path)
+        assert path.stem == p.name == default_profile_name(p.device_id, p.threads, p.key)
+        assert not p.quick and p.repeats >= 5  # shipped ones are full measurements
+        costs = [p.verify_seconds(n, 300) for n in range(1, 17)]
+        assert all(b >= a for a, b in zip(costs, costs[1:])) and costs[-1] > costs[0]
