@@ -384,6 +384,20 @@ class Planner:
         self.replans += 1
         return plan
 
+    def _peek(self, bucket: int, context: int) -> TreePlan:
+        """The plan `plan` would return now, without caching it or moving the re-plan clocks (looking at the
+        planner must not change what it drafts later)."""
+        key = (bucket, self._context_key(context))
+        stats = self.stats[bucket]
+        cached = self._plans.get(key)
+        if cached is not None:
+            plan, planned_rates, at_update = cached
+            if stats.updates - at_update < self.replan_every:
+                return plan
+            if float(np.abs(stats.rates() - planned_rates).max()) < self.drift:
+                return plan
+        return self._solve(stats.rates(), key)
+
     def _solve(self, rates: np.ndarray, key: tuple[int, int], at_least_one: bool = False) -> TreePlan:
         mid_context = (key[1] + 0.5) * self.context_step
         verify = lambda tokens: self.verify_seconds(tokens, mid_context)  # noqa: E731
@@ -443,11 +457,12 @@ class Planner:
             self.stats[bucket].update(tree.parents, accepted_nodes)
 
     def describe(self, context: int) -> list[dict]:
-        """The current plan of every bucket at a context length, with the bucket's score range and evidence."""
+        """The current plan of every bucket at a context length, with the bucket's score range and evidence (read
+        only: the planner's cache and re-plan clocks are left as they are)."""
         bounds = (0.0,) + self.edges + (1.0,)
         out = []
         for bucket, stats in enumerate(self.stats):
-            plan = self.plan(bucket, context)
+            plan = self._peek(bucket, context)
             out.append({"bucket": f"{bounds[bucket]:.1f}-{bounds[bucket + 1]:.1f}", "steps": stats.updates,
                         "first_rate": round(float(stats.rates()[0, 0]), 3), **plan.describe()})
         return out

@@ -151,6 +151,21 @@ def test_planner_replans_when_acceptance_drifts():
     assert before.nodes > after.nodes and planner.replans >= 2
 
 
+def test_describe_reads_the_plans_without_moving_the_replan_clocks():
+    moderate = lambda t, ctx: 0.1 * (1 + 0.3 * (t - 1))  # noqa: E731
+    planner = Planner(moderate, max_nodes=8, replan_every=4)
+    for _ in range(100):
+        planner.observe(_tree(0.9), [0, 1, 2, 3], 2)
+    before = planner.plan(2, 10)
+    for _ in range(300):
+        planner.observe(_tree(0.9), [], 2)  # stale: the next plan() re-plans
+    plans, replans = dict(planner._plans), planner.replans
+    described = planner.describe(10)
+    assert planner._plans == plans and planner.replans == replans  # looking changed nothing
+    after = planner.plan(2, 10)
+    assert described[2]["nodes"] == after.nodes < before.nodes  # and it showed what plan() now returns
+
+
 def test_planner_uses_the_cost_at_the_context_length():
     # verification gets dearer with context: short contexts draft, long ones do not
     cost = lambda t, ctx: 0.1 * (1 + (0.02 if ctx < 1000 else 1.5) * (t - 1))  # noqa: E731
