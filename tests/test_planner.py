@@ -139,7 +139,9 @@ def test_planner_buckets_and_switch_off():
     assert planner.request(100) >= confident.nodes
 
 
-def test_planner_replans_when_acceptance_drifts():
+def _stale_planner():
+    """A planner whose bucket 2 was planned on a right drafter, then saw it stop being right (its plan is stale);
+    returns it and that first plan."""
     moderate = lambda t, ctx: 0.1 * (1 + 0.3 * (t - 1))  # noqa: E731
     planner = Planner(moderate, max_nodes=8, replan_every=4)
     for _ in range(100):
@@ -147,18 +149,17 @@ def test_planner_replans_when_acceptance_drifts():
     before = planner.plan(2, 10)
     for _ in range(300):
         planner.observe(_tree(0.9), [], 2)  # the drafter stopped being right
+    return planner, before
+
+
+def test_planner_replans_when_acceptance_drifts():
+    planner, before = _stale_planner()
     after = planner.plan(2, 10)
     assert before.nodes > after.nodes and planner.replans >= 2
 
 
 def test_describe_reads_the_plans_without_moving_the_replan_clocks():
-    moderate = lambda t, ctx: 0.1 * (1 + 0.3 * (t - 1))  # noqa: E731
-    planner = Planner(moderate, max_nodes=8, replan_every=4)
-    for _ in range(100):
-        planner.observe(_tree(0.9), [0, 1, 2, 3], 2)
-    before = planner.plan(2, 10)
-    for _ in range(300):
-        planner.observe(_tree(0.9), [], 2)  # stale: the next plan() re-plans
+    planner, before = _stale_planner()  # stale: the next plan() re-plans
     plans, replans = dict(planner._plans), planner.replans
     described = planner.describe(10)
     assert planner._plans == plans and planner.replans == replans  # looking changed nothing
