@@ -550,12 +550,12 @@ def measure_profile(manifest: Manifest, threads: int | None = None, contexts=Non
 
     For each context (default 128, 512, 1536, capped below the context length minus 64) the cache is prefilled
     with real-ish token ids, then each size n (default 1..64) is scored as a chain with `runner.forward` and
-    rewound, in `repeats` (default 3) interleaved rounds after a warm-up round; each size's median is kept. Drafters: sizes 1, 2, 4, 8, 16 at
-    the first context. The sizes are timed in interleaved rounds (`_interleaved_ms`). `quick`: one context (512 or
-    less), sizes 1-16, 2 repeats, drafters at 1 and 4, a synthetic context instead of a prefill and one warm-up
-    forward per context (a few seconds plus the model loads for a 1.5B 4-bit model on 2 threads).
-    `progress(done, total, label)` is called after each timed forward. The profile's
-    name is its default file stem (`default_profile_path`); nothing is written here."""
+    rewound, in `repeats` (default 3) interleaved rounds after a warm-up round (`_interleaved_ms`); each size's
+    median is kept. Drafters: sizes 1, 2, 4, 8, 16 at the first context. `quick`: one context (512 or less),
+    sizes 1-16, 2 repeats, drafters at 1 and 4, a synthetic context instead of a prefill and one warm-up forward
+    per context (a few seconds plus the model loads for a 1.5B 4-bit model on 2 threads). `progress(done, total,
+    label)` is called after each timed forward. The profile's name is its default file stem
+    (`default_profile_path`); nothing is written here."""
     from ..runtimes.runner import default_threads
 
     entry = entry or manifest.target_model

@@ -369,34 +369,37 @@ class Planner:
                 cached = (self._solve(stats.rates(), key, at_least_one=True), stats.updates)
                 self._probe_plans[key] = cached
             return cached[0]
-        cached = self._plans.get(key)
-        if cached is not None:
-            plan, planned_rates, at_update = cached
-            if stats.updates - at_update < self.replan_every:
-                return plan
-            rates = stats.rates()
-            if float(np.abs(rates - planned_rates).max()) < self.drift:
-                self._plans[key] = (plan, planned_rates, stats.updates)  # still valid: check again later
-                return plan
+        plan, rechecked = self._still_valid(key)
+        if plan is not None:
+            if rechecked:  # the drift check ran and passed: its clock restarts, check again later
+                self._plans[key] = (plan, self._plans[key][1], stats.updates)
+            return plan
         rates = stats.rates()
         plan = self._solve(rates, key)
         self._plans[key] = (plan, rates, stats.updates)
         self.replans += 1
         return plan
 
+    def _still_valid(self, key: tuple[int, int]) -> tuple[TreePlan | None, bool]:
+        """The cached plan for `key` while it holds (None: none yet, or its statistics drifted), and whether the
+        drift check had to run for it (`replan_every` updates since it was made or last checked). Reads only."""
+        cached = self._plans.get(key)
+        if cached is None:
+            return None, False
+        plan, planned_rates, at_update = cached
+        stats = self.stats[key[0]]
+        if stats.updates - at_update < self.replan_every:
+            return plan, False
+        if float(np.abs(stats.rates() - planned_rates).max()) < self.drift:
+            return plan, True
+        return None, False
+
     def _peek(self, bucket: int, context: int) -> TreePlan:
         """The plan `plan` would return now, without caching it or moving the re-plan clocks (looking at the
         planner must not change what it drafts later)."""
         key = (bucket, self._context_key(context))
-        stats = self.stats[bucket]
-        cached = self._plans.get(key)
-        if cached is not None:
-            plan, planned_rates, at_update = cached
-            if stats.updates - at_update < self.replan_every:
-                return plan
-            if float(np.abs(stats.rates() - planned_rates).max()) < self.drift:
-                return plan
-        return self._solve(stats.rates(), key)
+        plan, _ = self._still_valid(key)
+        return plan if plan is not None else self._solve(self.stats[bucket].rates(), key)
 
     def _solve(self, rates: np.ndarray, key: tuple[int, int], at_least_one: bool = False) -> TreePlan:
         mid_context = (key[1] + 0.5) * self.context_step
