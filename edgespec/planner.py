@@ -13,7 +13,7 @@ empty: speculation is off for that context.
 `Planner` keeps one set of statistics per *confidence bucket* (the drafter's own estimate for its first node: an
 n-gram match seen 9 times out of 10 is another drafter than a guess), re-plans when the statistics drift or the
 context moves to another part of the cost curve, and probes an empty plan now and then (with doubling pauses) so
-that a drafter which starts paying is noticed. It also predicts each step's tokens and seconds, which the engine
+that a drafter which starts paying is noticed: each probe's outcome is checked for drift at once. It also predicts each step's tokens and seconds, which the engine
 compares with what happened (how good the model is).
 """
 
@@ -382,13 +382,16 @@ class Planner:
 
     def _still_valid(self, key: tuple[int, int]) -> tuple[TreePlan | None, bool]:
         """The cached plan for `key` while it holds (None: none yet, or its statistics drifted), and whether the
-        drift check had to run for it (`replan_every` updates since it was made or last checked). Reads only."""
+        drift check had to run for it (`replan_every` updates since it was made or last checked; any update for a
+        plain plan). Reads only."""
         cached = self._plans.get(key)
         if cached is None:
             return None, False
         plan, planned_rates, at_update = cached
         stats = self.stats[key[0]]
-        if stats.updates - at_update < self.replan_every:
+        # a plain plan learns only from its rare probes: each one is checked at once (waiting for `replan_every`
+        # of them would keep a bucket plain for thousands of steps after the drafter started paying)
+        if stats.updates - at_update < (self.replan_every if plan.nodes else 1):
             return plan, False
         if float(np.abs(stats.rates() - planned_rates).max()) < self.drift:
             return plan, True

@@ -167,6 +167,24 @@ def test_describe_reads_the_plans_without_moving_the_replan_clocks():
     assert described[2]["nodes"] == after.nodes < before.nodes  # and it showed what plan() now returns
 
 
+def test_a_plain_bucket_speculates_again_after_a_few_good_probes():
+    """A bucket planned plain (its prior does not pay on this cost curve) learns only from probes; each probe's
+    outcome is checked at once, so a drafter that turns out right is used after two probes, not after the
+    `replan_every` (16) probes that would take thousands of steps with doubling pauses."""
+    costly = lambda t, ctx: 0.1 * (1 + 0.7 * (t - 1))  # noqa: E731  (one drafted node pays above 0.7 acceptance)
+    planner = Planner(costly, max_nodes=8, first_pause=8)
+    assert planner.plan(1, 100).nodes == 0  # the middle bucket's prior, 0.5, does not pay
+    drafted_at = None
+    for step in range(60):
+        planner.request(100)
+        tree, prediction = planner.fit(_tree(0.5), 100)
+        planner.observe(tree, list(range(len(tree))), prediction.bucket)  # every probe is fully accepted
+        if planner.plan(1, 100).nodes:
+            drafted_at = step
+            break
+    assert drafted_at is not None and drafted_at < 40  # probes at steps 7 and 23: the second one flips the plan
+
+
 def test_planner_uses_the_cost_at_the_context_length():
     # verification gets dearer with context: short contexts draft, long ones do not
     cost = lambda t, ctx: 0.1 * (1 + (0.02 if ctx < 1000 else 1.5) * (t - 1))  # noqa: E731
