@@ -489,7 +489,10 @@ def render_markdown(result: dict) -> str:
         "`overall (sum)`: sum of tokens / sum of time). "
         f"`vs {result['summary']['baseline']}` = speedup of a mode over plain decoding; "
         f"`{result['summary']['baseline']}/peer` = edgespec plain tokens/s over the peer's. "
-        "τ = mean accepted tokens per target forward (Spec-Bench). TTFT = median time to first token.",
+        "τ = mean accepted tokens per target forward (Spec-Bench). TTFT = median time to first token."
+        + (" Modes interleaved: one process ran every prompt on each mode in turn, in rotating order (the target "
+           "loaded once), so drift of the machine hits all modes alike; memory is that process's."
+           if c.get("interleave") else ""),
         "",
         _md_table(*category_table(result["summary"])),
         "",
@@ -599,33 +602,40 @@ def _progress(system: str, i: int, n: int, row: dict) -> None:
          f"tokens, {_fmt(row['tokens_per_second'], 'tps')} tok/s, TTFT {_fmt(row['time_to_first_token'], 'ms')} ms")
 
 
-def run_mode_job(job: dict, engine=None) -> dict:
-    """Load the bundle, chat-template and encode every question, then run mode `job['system']` over them.
-
-    With `system` None only the prompts are prepared (their token ids feed the peers). The result carries the rows,
-    the prompt ids, the questions skipped because they do not fit the context, and load time / memory.
-    """
+def _load_mode_engine(job: dict, system: str | None, base=None):
+    """The engine of one system: the bundle loaded with the system's tree policy and device profile (`base`: a
+    variant over that engine's loaded target instead, see `Engine.variant`)."""
     from .engine import load
 
-    system = job.get("system")
-    mode, tree, device = split_system(system) if system else (None, None, None)
-    n_new = job["max_new_tokens"]
-    t = time.perf_counter()
-    if engine is None:
-        device = device or job.get("device")
+    _, tree, device = split_system(system) if system else (None, None, None)
+    device = device or job.get("device")
+    device = None if device in (None, "none") else device
+    tree = tree or job.get("tree") or "auto"
+    if base is None:
         engine = load(job["bundle"], threads=job["threads"], max_context=job["max_context"], drafter=None,
-                      draft_budget=job.get("draft_budget", 16), history=False,
-                      device=None if device in (None, "none") else device, tree=tree or job.get("tree") or "auto")
-        engine.bench_ngram_static = job.get("ngram_static")
-    load_seconds = time.perf_counter() - t
+                      draft_budget=job.get("draft_budget", 16), history=False, device=device, tree=tree)
+    else:
+        engine = base.variant(None, device=device, tree=tree)
+    engine.bench_ngram_static = job.get("ngram_static")
+    return engine
+
+
+def _mode_result(system: str | None, engine, load_seconds: float) -> dict:
+    """A system's result before any prompt ran: the model, load time and memory, the profile and tree policy."""
     entry = engine.entry
-    result = {"system": system, "kind": "mode", "status": "ok", "note": None, "load_seconds": load_seconds,
-              "load_rss_mb": current_rss_mb(), "threads": engine.threads, "context_length": engine.context_length,
-              "model": {"name": entry.name, "architecture": entry.architecture, "source": dict(entry.source),
-                        "quantization": dict(entry.quantization), "pad_token_id": entry.pad_token_id},
-              "rows": [], "prompts": [], "skipped": [],
-              "device_profile": engine.profile.name if getattr(engine, "profile", None) is not None else None,
-              "tree_policy": getattr(engine, "tree_policy", None)}
+    return {"system": system, "kind": "mode", "status": "ok", "note": None, "load_seconds": load_seconds,
+            "load_rss_mb": current_rss_mb(), "threads": engine.threads, "context_length": engine.context_length,
+            "model": {"name": entry.name, "architecture": entry.architecture, "source": dict(entry.source),
+                      "quantization": dict(entry.quantization), "pad_token_id": entry.pad_token_id},
+            "rows": [], "prompts": [], "skipped": [],
+            "device_profile": engine.profile.name if getattr(engine, "profile", None) is not None else None,
+            "tree_policy": getattr(engine, "tree_policy", None)}
+
+
+def _prepare_prompts(engine, job: dict, result: dict) -> list[tuple[dict, str, list[int]]]:
+    """Chat-template and encode every question: (question, text, ids) for those that fit the context; the others
+    go to `result['skipped']` with the reason, the ids of the rest to `result['prompts']`."""
+    n_new = job["max_new_tokens"]
     prompts = []
     for q in job["questions"]:
         text = engine.render_chat([{"role": "user", "content": q["prompt"]}])
@@ -637,24 +647,101 @@ def run_mode_job(job: dict, engine=None) -> dict:
             continue
         prompts.append((q, text, ids))
         result["prompts"].append({"question_id": q["question_id"], "category": q["category"], "ids": ids})
+    return prompts
+
+
+def _warm_up(engine, system: str, job: dict, text: str) -> None:
+    """Untimed short generations of `system` on one prompt (raises ModeUnavailable)."""
+    fn = MODES[split_system(system)[0]]
+    for _ in range(job.get("warmup", 1)):
+        engine.reset()
+        fn(engine, text, {**bench_gen_config(job["max_new_tokens"]),
+                          "max_new_tokens": min(job["max_new_tokens"], WARMUP_TOKENS)})
+
+
+def _measure(engine, system: str, job: dict, prompt: tuple[dict, str, list[int]]) -> dict:
+    """One measured generation of `system` on a prepared prompt, from a fresh conversation: its row."""
+    q, text, ids = prompt
+    engine.reset()
+    token_ids, stats = MODES[split_system(system)[0]](engine, text, bench_gen_config(job["max_new_tokens"]))
+    return make_row(system, "mode", {**q, "ids": ids}, token_ids, stats)
+
+
+def run_mode_job(job: dict, engine=None) -> dict:
+    """Load the bundle, chat-template and encode every question, then run mode `job['system']` over them.
+
+    With `system` None only the prompts are prepared (their token ids feed the peers). The result carries the rows,
+    the prompt ids, the questions skipped because they do not fit the context, and load time / memory.
+    """
+    system = job.get("system")
+    t = time.perf_counter()
+    if engine is None:
+        engine = _load_mode_engine(job, system)
+    result = _mode_result(system, engine, time.perf_counter() - t)
+    prompts = _prepare_prompts(engine, job, result)
     if system is None or not prompts:
         return result
-    fn = MODES[mode]
-    gen = bench_gen_config(n_new)
     try:
-        for _ in range(job.get("warmup", 1)):
-            engine.reset()
-            fn(engine, prompts[0][1], {**gen, "max_new_tokens": min(n_new, WARMUP_TOKENS)})
-        for i, (q, text, ids) in enumerate(prompts, 1):
-            engine.reset()
-            token_ids, stats = fn(engine, text, dict(gen))
-            row = make_row(system, "mode", {**q, "ids": ids}, token_ids, stats)
-            result["rows"].append(row)
-            _progress(system, i, len(prompts), row)
+        _warm_up(engine, system, job, prompts[0][1])
+        for i, prompt in enumerate(prompts, 1):
+            result["rows"].append(_measure(engine, system, job, prompt))
+            _progress(system, i, len(prompts), result["rows"][-1])
     except ModeUnavailable as exc:
         result.update(status="skipped", note=str(exc), rows=[])
     engine.reset()
     return result
+
+
+def run_interleaved_job(job: dict, engines: dict | None = None) -> dict:
+    """Run every system of `job['systems']` in one process, prompt by prompt: each prompt runs on every system in
+    turn, the order rotated by one system per prompt, so the machine's drift over minutes (other tenants, heat)
+    falls on all systems alike. The target is loaded once; the other systems are variants sharing its session.
+
+    Returns {"results": {system: what `run_mode_job` returns for it}}; a system whose mode is unavailable is
+    skipped, one that fails is marked failed, and the others go on. `engines`: given engines per system (tests)."""
+    systems = list(job["systems"])
+    results: dict[str, dict] = {}
+    engines = dict(engines or {})
+    for system in systems:
+        t = time.perf_counter()
+        if system not in engines:
+            base = next(iter(engines.values()), None)
+            engines[system] = _load_mode_engine(job, system, base=base)
+        results[system] = _mode_result(system, engines[system], time.perf_counter() - t)
+    first = results[systems[0]]
+    prompts = _prepare_prompts(engines[systems[0]], job, first)
+    for system in systems[1:]:
+        results[system].update(prompts=first["prompts"], skipped=first["skipped"])
+
+    def stop(system: str, exc: Exception) -> None:
+        if isinstance(exc, ModeUnavailable):
+            results[system].update(status="skipped", note=str(exc), rows=[])
+        else:
+            traceback.print_exc()
+            results[system].update(status="failed", note=f"{type(exc).__name__}: {exc}", rows=[])
+
+    live = list(systems)
+    for system in systems if prompts else []:
+        try:
+            _warm_up(engines[system], system, job, prompts[0][1])
+        except Exception as exc:  # one system's failure must not take the others down
+            stop(system, exc)
+            live.remove(system)
+    for i, prompt in enumerate(prompts):
+        order = live[i % len(live):] + live[:i % len(live)] if live else []
+        for system in order:
+            if system not in live:
+                continue
+            try:
+                results[system]["rows"].append(_measure(engines[system], system, job, prompt))
+            except Exception as exc:
+                stop(system, exc)
+                live.remove(system)
+                continue
+            _progress(system, i + 1, len(prompts), results[system]["rows"][-1])
+    for engine in engines.values():
+        engine.reset()
+    return {"kind": "interleave", "status": "ok", "results": results}
 
 
 class _TimingStreamer:
@@ -771,7 +858,8 @@ def run_llama_cpp_job(job: dict) -> dict:
     return _run_peer_prompts("llama.cpp", run, job, result)
 
 
-JOBS = {"mode": run_mode_job, "hf": run_hf_job, "llama.cpp": run_llama_cpp_job}
+JOBS = {"mode": run_mode_job, "interleave": run_interleaved_job, "hf": run_hf_job,
+        "llama.cpp": run_llama_cpp_job}
 
 
 def run_job(job: dict) -> dict:
@@ -891,13 +979,23 @@ def run_bench(args, echo: Callable[[str], None] = _log) -> dict:
         if res.get("status") != "ok":
             echo(f"[{name}] {res.get('status')}: {res.get('note')}")
 
-    for mode in modes:
-        job = {**base_job, "system": mode}
+    interleave = bool(getattr(args, "interleave", False)) and len(modes) > 1
+    if interleave:  # one worker runs every mode, prompt by prompt
         if args.in_process:
             reset_peak_rss()
-            res = run_job(job)
-        else:
-            res = run_subprocess(job, echo)
+        job = {**base_job, "kind": "interleave", "systems": modes}
+        res = run_job(job) if args.in_process else run_subprocess(job, echo)
+        missing = {"status": res.get("status", "failed"), "note": res.get("note"), "rows": []}
+        mode_results = [(mode, {**res.get("results", {}).get(mode, missing), "peak_rss_mb": res.get("peak_rss_mb"),
+                                "interleaved": True}) for mode in modes]
+    else:
+        mode_results = []
+        for mode in modes:
+            job = {**base_job, "system": mode}
+            if args.in_process:
+                reset_peak_rss()
+            mode_results.append((mode, run_job(job) if args.in_process else run_subprocess(job, echo)))
+    for mode, res in mode_results:
         record(mode, "mode", res)
         if prepared is None and res.get("prompts"):
             prepared = res
@@ -929,6 +1027,7 @@ def run_bench(args, echo: Callable[[str], None] = _log) -> dict:
               "max_new_tokens": args.max_new_tokens, "threads": threads, "max_context": args.max_context,
               "modes": modes, "peers": peers, "devices": devices, "peer_model": args.peer_model, "warmup": args.warmup,
               "greedy": True, "batch_size": 1, "ignore_eos": True, "in_process": bool(args.in_process),
+              "interleave": interleave,
               "baseline": BASELINE}
     return {
         "format": RESULT_FORMAT, "version": RESULT_VERSION,
@@ -1032,6 +1131,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a static n-gram cache (edgespec ngram build) for the ngram mode")
     parser.add_argument("--json", dest="json_path", default=None, metavar="PATH", help="write the full result here")
     parser.add_argument("--markdown", default=None, metavar="PATH", help="write the Markdown report here")
+    parser.add_argument("--interleave", action="store_true",
+                        help="run the modes side by side in one worker, prompt by prompt in rotating order (the "
+                             "target loaded once), so the machine's drift over minutes hits every mode alike; the "
+                             "default runs each mode over all prompts in its own worker, one after another")
     parser.add_argument("--in-process", action="store_true",
                         help="run the modes in this process (debugging; peers still get their own process)")
 

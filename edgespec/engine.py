@@ -230,7 +230,8 @@ class Engine:
 
     def __init__(self, manifest: Manifest, threads: int | None = None, max_context: int | None = None,
                  model: str | None = None, drafter: "str | Drafter | None" = None, draft_budget: int = 16,
-                 ngram_cache=None, ngram_static=None, history=None, device=None, tree: str = "auto"):
+                 ngram_cache=None, ngram_static=None, history=None, device=None, tree: str = "auto", *,
+                 session=None):
         self._manifest = manifest
         self.entry: ModelEntry = manifest.models[model] if model else manifest.target_model
         self.threads = threads or default_threads()
@@ -247,8 +248,9 @@ class Engine:
         # the device profile (measured verification costs) drives the tree plan; without one, costs are measured as
         # we go
         self.profile = _resolve_profile(device, manifest, self.entry, self.threads)
-        _check_memory(manifest, [self.entry], max_context, self.profile)
-        self._runner = ModelRunner(self.entry, threads=self.threads, max_context=max_context)
+        if session is None:  # a shared session (Engine.variant) loads no weights
+            _check_memory(manifest, [self.entry], max_context, self.profile)
+        self._runner = ModelRunner(self.entry, threads=self.threads, max_context=max_context, session=session)
         self._cached_ids: list[int] = []  # token ids whose K/V are committed in the runner's cache
         self._lock = threading.Lock()  # one generation at a time: other threads wait for it
         self._owner: int | None = None  # the thread holding the lock (its second generation would deadlock)
@@ -419,6 +421,21 @@ class Engine:
             self._cached_ids = []
             if self.drafter is not None:
                 self.drafter.reset()
+
+    def variant(self, drafter: "str | Drafter | None" = "ngram", *, draft_budget: int | None = None,
+                device: "str | os.PathLike | DeviceProfile | None" = None, tree: str = "auto",
+                ngram_cache=None, ngram_static=None) -> "Engine":
+        """A second engine over this one's loaded target: the ONNX Runtime session (the weights) is shared, while
+        the KV cache, drafter, device profile, tree policy and planner are the variant's own (arguments as `load`;
+        `draft_budget` defaults to this engine's). For comparing speculation settings side by side in one process
+        (`edgespec bench --interleave`) without loading the model twice. Both engines stay usable; closing one
+        leaves the other's session alone."""
+        self._check_open()
+        return Engine(self._manifest, threads=self.threads, max_context=self.context_length,
+                      model=self.entry.name, drafter=drafter,
+                      draft_budget=self._draft_budget if draft_budget is None else draft_budget,
+                      ngram_cache=ngram_cache, ngram_static=ngram_static, history=False, device=device, tree=tree,
+                      session=self._runner.session)
 
     def set_drafter(self, drafter: "str | Drafter | None", **options) -> None:
         """Switch drafting: None or "none" (plain decoding), "ngram", a drafter model spec (as `load`), or any

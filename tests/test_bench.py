@@ -374,3 +374,65 @@ def test_planned_rows_carry_the_last_plans(tiny_bundles):
         assert "plans" not in plain
     finally:
         engine.close()
+
+
+class _LabelledEngine(FakeEngine):
+    """A fake engine that logs which system ran each prompt (one shared log across engines)."""
+
+    def __init__(self, name, log):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def generate(self, prompt, **config):
+        if config["max_new_tokens"] == 40:  # measured runs only (warm-ups are shorter)
+            self.log.append((self.name, prompt))
+        return super().generate(prompt, **config)
+
+
+def test_interleaved_job_runs_every_prompt_on_each_system_in_rotating_order(monkeypatch):
+    def broken(engine, prompt, gen):
+        raise RuntimeError("kaput")
+
+    monkeypatch.setitem(bench.MODES, "broken", broken)
+    log = []
+    systems = ["plain", "ngram@chain:2", "broken"]
+    engines = {s: _LabelledEngine(s, log) for s in systems}
+    engines["ngram@chain:2"].drafter = SimpleNamespace(name="ngram", counters={"drafted": {}, "accepted": {}})
+    questions = [{"question_id": i, "category": "a", "prompt": f"p{i}"} for i in range(3)]
+    job = {"systems": systems, "max_new_tokens": 40, "warmup": 1, "questions": questions}
+    res = bench.run_interleaved_job(job, engines=engines)["results"]
+    assert res["broken"]["status"] == "failed" and "kaput" in res["broken"]["note"]  # the others go on
+    assert [r["question_id"] for r in res["plain"]["rows"]] == [0, 1, 2]
+    assert [r["question_id"] for r in res["ngram@chain:2"]["rows"]] == [0, 1, 2]
+    assert res["ngram@chain:2"]["prompts"] == res["plain"]["prompts"]
+    # prompt by prompt, every live system once per prompt, the first system rotating
+    prompts = [engines["plain"].render_chat([{"content": q["prompt"]}]) for q in questions]
+    assert log == [("plain", prompts[0]), ("ngram@chain:2", prompts[0]),
+                   ("ngram@chain:2", prompts[1]), ("plain", prompts[1]),
+                   ("plain", prompts[2]), ("ngram@chain:2", prompts[2])]
+
+
+def test_interleaved_bench_matches_the_sequential_one_on_a_real_bundle(tiny_bundles, tmp_path):
+    """`--interleave` on a real tiny bundle: the variants share the target's session, every system gives the plain
+    target's tokens, and the result says it was interleaved."""
+    from edgespec import cli
+
+    items = [{"question_id": i, "category": c, "turns": [f"def f{i}(x): return x + {i}\ndef f{i}(x):"]}
+             for i, c in enumerate("ab")]
+    data = _write_jsonl(tmp_path / "q.jsonl", items)
+    out = tmp_path / "r.json"
+    args = cli.build_parser().parse_args(
+        ["bench", "-b", str(tiny_bundles["qwen2"]), "--data", str(data), "--per-category", "1", "--max-new-tokens",
+         "6", "--threads", "1", "--no-peers", "--in-process", "--interleave", "--mode", "plain,ngram",
+         "--trees", "chain:2,plan", "--json", str(out)])
+    assert args.func(args) == 0
+    result = json.loads(out.read_text())
+    assert result["config"]["interleave"] is True
+    assert result["config"]["modes"] == ["plain", "ngram@chain:2", "ngram@plan"]
+    assert all(s["status"] == "ok" and s["interleaved"] for s in result["systems"].values())
+    by_system = {}
+    for r in result["rows"]:
+        by_system.setdefault(r["system"], []).append(r)
+    assert {s: len(rs) for s, rs in by_system.items()} == {"plain": 2, "ngram@chain:2": 2, "ngram@plan": 2}
+    assert all(r["agreement"] == 1.0 for r in result["rows"])  # exact: the plain target's tokens
+    assert result["systems"]["ngram@plan"]["tree_policy"] == "plan"

@@ -309,6 +309,26 @@ def test_prefix_reuse_matches_a_fresh_engine(arch, tiny_bundles):
     assert after.stats.reused_prompt_tokens == 0 and after.token_ids == fourth.token_ids
 
 
+def test_a_variant_shares_the_session_but_not_the_cache_or_the_speculation(tiny_bundles):
+    """Engine.variant: the loaded target (session) is shared; the KV cache, drafter and tree policy are its own, so
+    generations alternating between the two stay exact, and closing one leaves the other working."""
+    engine = load(tiny_bundles["qwen2"], threads=1, drafter=None, history=False)
+    variant = engine.variant("ngram", tree="chain:2")
+    assert variant._runner.session is engine._runner.session and variant._runner is not engine._runner
+    assert engine.drafter is None and variant.drafter.name == "ngram" and variant.tree_policy == "chain:2"
+    assert variant.context_length == engine.context_length and variant.threads == engine.threads
+    prompts = [engine.encode(p) for p in PROMPTS[:2]]
+    first = [engine.generate(ids, max_new_tokens=12, ignore_eos=True).token_ids for ids in prompts]
+    for ids, expected in zip(prompts, first):  # alternating: each engine keeps its own committed prefix
+        assert variant.generate(ids, max_new_tokens=12, ignore_eos=True).token_ids == expected
+        assert engine.generate(ids, max_new_tokens=12, ignore_eos=True).token_ids == expected
+    assert variant.last_stats.drafted_tokens > 0  # it speculated
+    engine.close()
+    assert variant.generate(prompts[0], max_new_tokens=12, ignore_eos=True).token_ids == first[0]
+    with pytest.raises(RuntimeError, match="closed"):
+        engine.variant()
+
+
 def test_abandoned_stream_does_not_corrupt_the_cache(tiny_bundles):
     """Stopping a stream early (consumer breaks) leaves the engine consistent for the next call."""
     engine = load(tiny_bundles["gemma3"])
