@@ -37,6 +37,8 @@ from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
+
 from .devices.memory import process_peak_rss_mb as peak_rss_mb, process_rss_mb as current_rss_mb
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -499,6 +501,11 @@ def render_markdown(result: dict) -> str:
         _md_table(*systems_table(result)),
         "",
     ]
+    header, crossed = cross_evaluation_table(result)
+    if crossed:
+        lines += ["Cross-evaluation of the device profiles (decode time of the other system over this one's, summed "
+                  "over the same prompts; above 1: this one is faster; own = profiled at this run's thread count):",
+                  "", _md_table(header, crossed), ""]
     header, planned = planner_table(result)
     if planned:
         lines += ["Planner predictions against measurements (over the steps it planned; tok/s of those steps):", "",
@@ -523,7 +530,8 @@ def print_tables(result: dict, console=None) -> None:
             console = Console(width=200)
     for title, (header, rows) in (("Spec-Bench per category", category_table(result["summary"])),
                                   ("systems (overall)", systems_table(result, notes=False)),
-                                  ("planner predictions", planner_table(result))):
+                                  ("planner predictions", planner_table(result)),
+                                  ("cross-evaluation of the device profiles", cross_evaluation_table(result))):
         if not rows:
             continue
         table = Table(title=title)
@@ -629,6 +637,7 @@ def _mode_result(system: str | None, engine, load_seconds: float) -> dict:
                       "quantization": dict(entry.quantization), "pad_token_id": entry.pad_token_id},
             "rows": [], "prompts": [], "skipped": [],
             "device_profile": engine.profile.name if getattr(engine, "profile", None) is not None else None,
+            "device_threads": engine.profile.threads if getattr(engine, "profile", None) is not None else None,
             "tree_policy": getattr(engine, "tree_policy", None)}
 
 
@@ -1076,6 +1085,53 @@ def prepare_device(bundle, device: str, threads: int) -> str:
     return (f"{profile.name} ({profile.threads} threads; one token "
             f"{profile.verify_seconds(1, 512) * 1000:.0f} ms, 8 tokens {profile.verify_seconds(8, 512) * 1000:.0f} ms "
             f"at 512 tokens of context)")
+
+
+def paired_speed(rows_a: list[dict], rows_b: list[dict], resamples: int = 2000, seed: int = 0) -> dict | None:
+    """Decode speed of system A over system B on the prompts both ran (same new tokens each): B's summed decode
+    time over A's (above 1: A is faster), a 95% bootstrap interval over prompts, and on how many prompts A was
+    faster. None without common prompts."""
+    decode = lambda r: r["total_seconds"] - r["time_to_first_token"]  # noqa: E731
+    a = {r["question_id"]: decode(r) for r in rows_a}
+    b = {r["question_id"]: decode(r) for r in rows_b}
+    common = [q for q in a if q in b]
+    if not common:
+        return None
+    time_a, time_b = np.array([a[q] for q in common]), np.array([b[q] for q in common])
+    picks = np.random.default_rng(seed).integers(0, len(common), size=(resamples, len(common)))
+    boots = np.sort(time_b[picks].sum(axis=1) / time_a[picks].sum(axis=1))
+    return {"ratio": float(time_b.sum() / time_a.sum()), "low": float(boots[int(0.025 * resamples)]),
+            "high": float(boots[int(0.975 * resamples) - 1]), "faster": int((time_a < time_b).sum()),
+            "prompts": len(common)}
+
+
+def cross_evaluation_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Systems that differ only in their device profile (`--device P1,P2`), compared pairwise on the same prompts:
+    decode speed of each over the other with a 95% bootstrap interval. A profile measured at this run's thread
+    count is marked "own" (the cross-evaluation: each plan should be at least as fast as the others on its own
+    setting)."""
+    header = ["system", "profile", "against", "decode speed ratio [95% CI]", "faster on"]
+    groups: dict[tuple, list[str]] = {}
+    for system in result["systems"]:
+        mode, tree, device = split_system(system)
+        if device is not None and result["systems"][system].get("status") == "ok":
+            groups.setdefault((mode, tree), []).append(system)
+    threads = result["config"].get("threads")
+    rows = []
+    for members in groups.values():
+        for a in members:
+            for b in members:
+                if a == b:
+                    continue
+                pair = paired_speed([r for r in result["rows"] if r["system"] == a],
+                                    [r for r in result["rows"] if r["system"] == b])
+                if pair is None:
+                    continue
+                own = result["systems"][a].get("device_threads") == threads
+                rows.append([a, "own" if own else "other", split_system(b)[2],
+                             f"{pair['ratio']:.3f} [{pair['low']:.3f}, {pair['high']:.3f}]",
+                             f"{pair['faster']}/{pair['prompts']}"])
+    return header, rows
 
 
 def planner_table(result: dict) -> tuple[list[str], list[list[str]]]:

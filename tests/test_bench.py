@@ -361,6 +361,37 @@ def test_planner_table_compares_predictions_with_measurements():
     assert "Planner predictions" in bench.render_markdown(result)
 
 
+def test_paired_speed_ratio_interval_and_prompt_count():
+    a = [_row("a", "mode", q, "x", 10, 1.0 + t, 0.0) for q, t in enumerate([1.0, 2.0, 3.0, 4.0])]
+    b = [_row("b", "mode", q, "x", 10, 1.0 + t, 0.0) for q, t in enumerate([1.5, 2.0, 3.5, 3.0])]
+    pair = bench.paired_speed(a, b)
+    assert pair["ratio"] == pytest.approx((2.5 + 3 + 4.5 + 4) / (2 + 3 + 4 + 5))  # B's decode time over A's
+    assert pair["low"] <= pair["ratio"] <= pair["high"] and pair["low"] < pair["high"]
+    assert pair["faster"] == 2 and pair["prompts"] == 4  # A faster on prompts 0 and 2 (a tie is not faster)
+    assert bench.paired_speed(a, b) == pair  # seeded: the same interval every time
+    assert bench.paired_speed(a, []) is None
+    same = bench.paired_speed(a, a)
+    assert same["ratio"] == same["low"] == same["high"] == pytest.approx(1.0)
+
+
+def test_cross_evaluation_table_pairs_systems_that_differ_only_in_profile():
+    rows = _rows()[:3]  # plain
+    for system, times in (("ngram@plan~p1t", [0.6, 0.3, 0.2]), ("ngram@plan~p2t", [0.5, 0.35, 0.15]),
+                          ("ngram@chain:2~p1t", [0.6, 0.3, 0.2])):
+        rows += [_row(system, "mode", q, c, 10, t, 0.05, steps=5) for q, c, t in zip((1, 2, 3), "xxy", times)]
+    result = _result(rows)
+    result["systems"] = {"plain": {"kind": "mode", "status": "ok"},
+                         "ngram@plan~p1t": {"kind": "mode", "status": "ok", "device_threads": 1},
+                         "ngram@plan~p2t": {"kind": "mode", "status": "ok", "device_threads": 4},
+                         "ngram@chain:2~p1t": {"kind": "mode", "status": "ok", "device_threads": 1}}
+    header, table = bench.cross_evaluation_table(result)  # the run used 4 threads: p2t is "own"
+    assert [(r[0], r[1], r[2]) for r in table] == [("ngram@plan~p1t", "other", "p2t"),
+                                                    ("ngram@plan~p2t", "own", "p1t")]
+    own = table[1]
+    assert own[3].startswith(f"{(0.55 + 0.25 + 0.15) / (0.45 + 0.3 + 0.1):.3f} [") and own[4] == "2/3"
+    assert "Cross-evaluation of the device profiles" in bench.render_markdown(result)
+
+
 def test_planned_rows_carry_the_last_plans(tiny_bundles):
     """A planned system's rows keep the engine's plan per bucket (the planner table's last column)."""
     from edgespec.engine import load
