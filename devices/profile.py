@@ -30,7 +30,8 @@ from typing import Callable
 
 import numpy as np
 
-from ..runtimes.manifest import Manifest, ModelEntry, read_json_capped, short_repr as _r, write_json_atomic
+from ..runtimes.manifest import (Manifest, ModelEntry, is_finite_number, is_int, read_json_capped, short_repr as _r,
+                                 write_json_atomic)
 from .memory import available_memory_mb, model_file_bytes, process_rss_mb, total_memory_mb
 
 FORMAT = "edgespec-device-profile"
@@ -281,24 +282,13 @@ def _get(d: dict, key: str, where: str, prefix: str = ""):
     return d[key]
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer too large for a float
-        return False
 
 
 def _ascending_ints(value, where: str, name: str) -> list[int]:
     if not isinstance(value, list) or not value:
         _fail(where, name, f"must be a non-empty list of positive integers, got {_r(value)}")
     for item in value:
-        if not _is_int(item) or not 1 <= item <= MAX_TOKENS:
+        if not is_int(item) or not 1 <= item <= MAX_TOKENS:
             _fail(where, name, f"must hold integers in 1..{MAX_TOKENS}, got {_r(item)}")
     if any(b <= a for a, b in zip(value, value[1:])):
         _fail(where, name, f"must be strictly ascending, got {value}")
@@ -309,14 +299,14 @@ def _positive_ms(value, where: str, name: str, length: int) -> list[float]:
     if not isinstance(value, list) or len(value) != length:
         _fail(where, name, f"must be a list of {length} numbers (one per size), got {_r(value)}")
     for item in value:
-        if not _is_number(item) or not 0 < item <= MAX_MS:
+        if not is_finite_number(item) or not 0 < item <= MAX_MS:
             _fail(where, name, f"must hold finite positive milliseconds (at most {MAX_MS:g}), got {_r(item)}")
     return [float(v) for v in value]
 
 
 def _optional_number(d: dict, key: str, where: str, prefix: str) -> float | None:
     value = d.get(key)
-    if value is not None and (not _is_number(value) or value < 0):
+    if value is not None and (not is_finite_number(value) or value < 0):
         _fail(where, prefix + key, f"must be a finite non-negative number or null, got {_r(value)}")
     return value
 
@@ -344,7 +334,7 @@ def _parse_drafters(value, where: str) -> dict:
         sizes = _ascending_ints(_get(d, "sizes", where, prefix), where, prefix + "sizes")
         ms = _positive_ms(_get(d, "ms", where, prefix), where, prefix + "ms", len(sizes))
         load_s = _get(d, "load_s", where, prefix)
-        if not _is_number(load_s) or load_s < 0:
+        if not is_finite_number(load_s) or load_s < 0:
             _fail(where, prefix + "load_s", f"must be a finite non-negative number, got {_r(load_s)}")
         out[name] = {"sizes": sizes, "ms": ms, "load_s": load_s,
                      "memory_mb": _optional_number(d, "memory_mb", where, prefix)}
@@ -388,7 +378,7 @@ def _parse_profile(data, where: str) -> DeviceProfile:
         _fail(where, "device.device_id", f"must be a slug of [a-z0-9-], got {_r(device_id)}")
     _finite_everywhere(device, where, "device")
     threads = _get(data, "threads", where)
-    if not _is_int(threads) or not 1 <= threads <= 4096:
+    if not is_int(threads) or not 1 <= threads <= 4096:
         _fail(where, "threads", f"must be a positive integer, got {_r(threads)}")
     bundle = _get(data, "bundle", where)
     if not isinstance(bundle, dict):
@@ -400,10 +390,10 @@ def _parse_profile(data, where: str) -> DeviceProfile:
         _fail(where, "bundle.quantization", "must be an object")
     _finite_everywhere(bundle, where, "bundle")
     graph_bytes = bundle.get("graph_bytes")
-    if graph_bytes is not None and (not _is_int(graph_bytes) or graph_bytes < 0):
+    if graph_bytes is not None and (not is_int(graph_bytes) or graph_bytes < 0):
         _fail(where, "bundle.graph_bytes", f"must be a non-negative integer, got {_r(graph_bytes)}")
     load_s = _get(data, "load_s", where)
-    if not _is_number(load_s) or load_s < 0:
+    if not is_finite_number(load_s) or load_s < 0:
         _fail(where, "load_s", f"must be a finite non-negative number, got {_r(load_s)}")
     memory = data.get("memory", {})
     if not isinstance(memory, dict):
@@ -411,7 +401,7 @@ def _parse_profile(data, where: str) -> DeviceProfile:
     memory = {key: _optional_number(memory, key, where, "memory.")
               for key in ("total_mb", "available_mb", "target_rss_mb", "bytes_per_file_byte")}
     repeats = data.get("repeats", DEFAULT_REPEATS)
-    if not _is_int(repeats) or not 1 <= repeats <= 1 << 20:
+    if not is_int(repeats) or not 1 <= repeats <= 1 << 20:
         _fail(where, "repeats", f"must be a positive integer, got {_r(repeats)}")
     quick = data.get("quick", False)
     if not isinstance(quick, bool):

@@ -196,3 +196,9 @@ class Drafter:
 
     def reset(self) -> None:
         """Forget session state (a new conversation)."""
+
+    def planned(self, on: bool) -> None:
+        """Told whether a tree planner sizes this drafter's trees from its acceptance statistics per confidence
+        bucket. A drafter that corrects its own estimates from outcomes should stop while planned: the correction
+        moves proposals between the planner's buckets, which changes what gets verified and so what either
+        learns (a loop that can lock a good drafter out). Default: nothing to do."""

@@ -462,7 +462,10 @@ class Engine:
         return self._planner.describe(len(self._cached_ids) if context is None else context)
 
     def _make_planner(self) -> Planner | None:
-        if self.drafter is None or self.tree_policy != "plan":
+        planned = self.drafter is not None and self.tree_policy == "plan"
+        if self.drafter is not None and callable(getattr(self.drafter, "planned", None)):
+            self.drafter.planned(planned)
+        if not planned:
             return None
         dynamic = bool(getattr(self.drafter, "dynamic", False))
         return Planner(self._verify_seconds, self._draft_seconds if dynamic else None,

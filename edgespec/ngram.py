@@ -865,6 +865,7 @@ class NGramDrafter(Drafter):
         # target reached (children of the root or of an accepted node)
         self.tier_accepted: dict[str, float] = dict.fromkeys(TIERS, 0.0)
         self.tier_estimated: dict[str, float] = dict.fromkeys(TIERS, 0.0)
+        self.self_calibrating = True  # off while a planner sizes the trees (see `planned`)
 
     # -- tiers ---------------------------------------------------------------------------------------------------
     def _load_persistent(self) -> None:
@@ -892,8 +893,18 @@ class NGramDrafter(Drafter):
                  ("static", self.static_table, limits.static))
         return [tier for tier in tiers if tier[1] is not None and tier[1].entries]
 
+    def planned(self, on: bool) -> None:
+        """Under a tree planner the tier corrections are off (estimates stay the tiers' own weights x shares): the
+        planner's per-bucket acceptance is the calibration, and a second one, learnt only from verified drafts,
+        pushed proposals into buckets that are never verified and so never corrected back. The sums keep being
+        learnt, so switching back resumes from them."""
+        self.self_calibrating = not on
+
     def tier_factor(self, tier: str) -> float:
-        """How the tier's estimates compare with what the target accepted so far (1 before any evidence)."""
+        """How the tier's estimates compare with what the target accepted so far (1 before any evidence, and 1
+        while a planner sizes the trees)."""
+        if not self.self_calibrating:
+            return 1.0
         return min(TIER_FACTOR_MAX, max(TIER_FACTOR_MIN, (self.tier_accepted[tier] + TIER_PRIOR)
                                         / (self.tier_estimated[tier] + TIER_PRIOR)))
 

@@ -30,6 +30,7 @@ import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from .runtimes.manifest import is_finite_number, is_int
 from .runtimes.runner import ContextOverflow
 from .sampling import GenerationConfig
 
@@ -106,12 +107,6 @@ def json_type(value) -> str:
     return "array" if isinstance(value, list) else "object"
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def parse_request(body: dict, kind: str, model_id: str, max_tokens_limit: int | None,
@@ -122,7 +117,7 @@ def parse_request(body: dict, kind: str, model_id: str, max_tokens_limit: int | 
     stream = optional_bool(body, "stream", False)
     include_usage = stream_options(body.get("stream_options"), stream)
     n = body.get("n")
-    if n is not None and (not _is_int(n) or n != 1):
+    if n is not None and (not is_int(n) or n != 1):
         raise invalid("n", f"only n=1 is supported, got {n!r}")
     if kind == "chat":
         messages, prompt = parse_messages(body.get("messages")), None
@@ -163,7 +158,7 @@ def check_unsupported(body: dict) -> None:
         value = body.get(name)
         if any(value is v or (type(value) is type(v) and value == v) for v in neutral):
             continue
-        if name in ("frequency_penalty", "presence_penalty") and _is_number(value) and value == 0:
+        if name in ("frequency_penalty", "presence_penalty") and is_finite_number(value) and value == 0:
             continue
         raise invalid(name, f"'{name}' is not supported by this server", "unsupported_parameter")
     response_format = body.get("response_format")
@@ -202,7 +197,7 @@ def max_tokens(body: dict, names: tuple[str, ...], limit: int | None, default: i
         value = body.get(name)
         if value is None:
             continue
-        if not _is_int(value):
+        if not is_int(value):
             raise invalid(name, f"'{name}' must be an integer, got {json_type(value)}")
         if value < 1:
             raise invalid(name, f"'{name}' must be at least 1, got {value}")
@@ -216,7 +211,7 @@ def temperature(value) -> float:
     """0 (greedy, the default: the engine's) to 2."""
     if value is None:
         return 0.0
-    if not _is_number(value) or not 0 <= value <= 2:
+    if not is_finite_number(value) or not 0 <= value <= 2:
         raise invalid("temperature", f"'temperature' must be a number from 0 to 2, got {value!r}")
     return float(value)
 
@@ -225,7 +220,7 @@ def top_p(value) -> float:
     """Nucleus mass in (0, 1] (1 = off)."""
     if value is None:
         return 1.0
-    if not _is_number(value) or not 0 < value <= 1:
+    if not is_finite_number(value) or not 0 < value <= 1:
         raise invalid("top_p", f"'top_p' must be a number in (0, 1], got {value!r}")
     return float(value)
 
@@ -234,7 +229,7 @@ def top_k(value) -> int:
     """Extension (as vLLM): keep the k most likely tokens, 0 or -1 = off."""
     if value is None or value == -1:
         return 0
-    if not _is_int(value) or value < 0:
+    if not is_int(value) or value < 0:
         raise invalid("top_k", f"'top_k' must be an integer >= 0 (or -1 = off), got {value!r}")
     return value
 
@@ -243,7 +238,7 @@ def seed(value) -> int | None:
     """An int >= 0, or null."""
     if value is None:
         return None
-    if not _is_int(value) or value < 0:
+    if not is_int(value) or value < 0:
         raise invalid("seed", f"'seed' must be an integer >= 0, got {value!r}")
     return value
 
@@ -310,7 +305,7 @@ def parse_prompt(prompt) -> str | list[int]:
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
         return prompt
-    if isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+    if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         return list(prompt)
     raise invalid("prompt", "'prompt' must be a string or a non-empty list of token ids (batches of more than one "
                             "prompt are not supported)")
@@ -531,7 +526,7 @@ class Service:
     """The engine behind a bounded queue: one dispatcher task, one worker thread, graceful shutdown."""
 
     def __init__(self, engine, max_queue: int = 64, shutdown_grace: float = 30.0):
-        if not _is_int(max_queue) or max_queue < 1:
+        if not is_int(max_queue) or max_queue < 1:
             raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
         self.engine = engine
         self.max_queue = max_queue
@@ -842,13 +837,13 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     from starlette.exceptions import HTTPException
     from starlette.routing import Route
 
-    if max_tokens_limit is not None and (not _is_int(max_tokens_limit) or max_tokens_limit < 1):
+    if max_tokens_limit is not None and (not is_int(max_tokens_limit) or max_tokens_limit < 1):
         raise ValueError(f"max_tokens_limit must be an int >= 1, got {max_tokens_limit!r}")
-    if request_timeout is not None and not (_is_number(request_timeout) and request_timeout > 0):
+    if request_timeout is not None and not (is_finite_number(request_timeout) and request_timeout > 0):
         raise ValueError(f"request_timeout must be a number > 0, got {request_timeout!r}")
     service = Service(engine, max_queue=max_queue, shutdown_grace=shutdown_grace)
     context = getattr(engine, "context_length", None)
-    default_chat = max_tokens_limit or (context if _is_int(context) else 4096)
+    default_chat = max_tokens_limit or (context if is_int(context) else 4096)
     routes = Routes(service, model_name or engine_model_name(engine), api_key or None, max_tokens_limit,
                     request_timeout, max_body_bytes, default_chat)
 

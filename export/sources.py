@@ -778,8 +778,8 @@ def verify_gguf_header(path: str | os.PathLike, *, deep: bool = True) -> GGUFHea
 
     Always checks the 24-byte fixed header (magic ``b"GGUF"``, version 2 or 3, plausible counts). With
     ``deep=True``, also walks every metadata value and tensor info with bounds checks (:func:`scan_gguf`: no count
-    or length field is trusted before it is checked against the file), and with the ``gguf`` package importable
-    parses the file with ``gguf.GGUFReader`` and checks that every tensor's data lies inside the file.
+    or length field is trusted before it is checked against the file, and every tensor's data must lie inside
+    it). ``gguf.GGUFReader`` parses the file once, later, when the exporter reads its weights (`GGUFWeights`).
     """
     path = Path(path)
     try:
@@ -803,28 +803,5 @@ def verify_gguf_header(path: str | os.PathLike, *, deep: bool = True) -> GGUFHea
     if not deep:
         return header
     layout = scan_gguf(path)
-    header = GGUFHeader(version=version, tensor_count=tensor_count, kv_count=kv_count,
-                        architecture=layout.architecture)
-    try:
-        import gguf  # noqa: PLC0415  (optional dependency)
-    except ImportError:
-        return header
-    return _deep_check(path, header, gguf)
-
-
-def _deep_check(path: Path, header: GGUFHeader, gguf) -> GGUFHeader:
-    """`gguf.GGUFReader` reads the file (after `scan_gguf`, which already checked the tensor count and that every
-    tensor's data lies inside the file with the same gguf block sizes); the header with the reader's architecture."""
-    try:
-        reader = gguf.GGUFReader(path, "r")
-    except Exception as exc:  # the reader raises ValueError/IndexError/... on malformed or truncated files
-        raise SourceError(f"{path}: truncated or corrupt GGUF file ({type(exc).__name__}: {exc})") from exc
-    arch = None
-    fld = reader.fields.get("general.architecture")
-    if fld is not None and fld.data:
-        try:
-            arch = bytes(fld.parts[fld.data[0]]).decode("utf-8")
-        except (IndexError, UnicodeDecodeError, TypeError):
-            arch = None
-    return GGUFHeader(version=header.version, tensor_count=header.tensor_count, kv_count=header.kv_count,
-                      architecture=arch)
+    return GGUFHeader(version=version, tensor_count=tensor_count, kv_count=kv_count,
+                      architecture=layout.architecture)

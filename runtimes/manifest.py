@@ -7,6 +7,7 @@ each way a bundle can be wrong. `write_manifest` is what the exporter uses (atom
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -139,8 +140,19 @@ def _is_file(path: Path) -> bool:
         return False
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An int that is not a bool (JSON validation)."""
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_finite_number(value) -> bool:
+    """A finite int or float that is not a bool (JSON validation; an int too large for a float is not one)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _optional(d: dict, key: str, kind, where: str, default=None):
@@ -187,7 +199,7 @@ def _model_entry(root: Path, name: str, d: dict, check_files: bool, manifest: st
         raise BundleError(f"{where}: layer_types must list 'full' or 'sliding' once per layer")
     layer_types = tuple(layer_types)
     window = d.get("sliding_window")
-    if window is not None and (not _is_int(window) or not 0 < window <= SHAPE_LIMITS["context_length"]):
+    if window is not None and (not is_int(window) or not 0 < window <= SHAPE_LIMITS["context_length"]):
         raise BundleError(f"{where}: sliding_window must be a positive integer or null, got {short_repr(window)}")
     if "sliding" in layer_types and window is None:
         raise BundleError(f"{where}: sliding layers need a positive sliding_window")
@@ -195,7 +207,7 @@ def _model_entry(root: Path, name: str, d: dict, check_files: bool, manifest: st
     eos = special.get("eos")
     eos = [] if eos is None else [eos] if not isinstance(eos, list) else eos
     for tok in [*eos, special.get("bos"), special.get("pad")]:
-        if tok is not None and (not _is_int(tok) or not 0 <= tok < ints["vocab_size"]):
+        if tok is not None and (not is_int(tok) or not 0 <= tok < ints["vocab_size"]):
             raise BundleError(f"{where}: special token id {short_repr(tok)} is outside the vocabulary")
     add_bos = special.get("add_bos", False)
     if not isinstance(add_bos, bool):

@@ -329,6 +329,17 @@ def test_a_variant_shares_the_session_but_not_the_cache_or_the_speculation(tiny_
         engine.variant()
 
 
+def test_the_ngram_drafter_stops_correcting_its_estimates_while_a_planner_sizes_its_trees(tiny_bundles):
+    engine = load(tiny_bundles["qwen2"], threads=1, drafter="ngram", history=False, tree="plan")
+    assert engine.drafter.self_calibrating is False
+    scored = engine.variant("ngram", tree="scores")
+    assert scored.drafter.self_calibrating is True
+    engine.set_drafter("ngram", ngram_cache=False)
+    assert engine.drafter.self_calibrating is False
+    engine.close()
+    scored.close()
+
+
 def test_abandoned_stream_does_not_corrupt_the_cache(tiny_bundles):
     """Stopping a stream early (consumer breaks) leaves the engine consistent for the next call."""
     engine = load(tiny_bundles["gemma3"])

@@ -625,3 +625,20 @@ def test_tier_estimates_learn_from_acceptance():
     again = believer.propose(context, 4)
     assert again.scores[0] > first.scores[0] and np.all(again.scores <= 1.0)
     assert believer.counters["accepted"]["context"] >= 30
+
+
+def test_under_a_planner_the_tier_estimates_stay_uncorrected_but_keep_learning():
+    """`planned(True)`: estimates are the tiers' own (the planner's buckets calibrate), so rejections cannot push
+    proposals into buckets that are never verified; the sums still learn, and `planned(False)` uses them again."""
+    context = [1, 2, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 1, 2]
+    drafter = NGramDrafter(VOCAB, recycling=False, min_node_prob=0.01)
+    first = drafter.propose(context, 4)
+    drafter.planned(True)
+    for _ in range(30):
+        tree = drafter.propose(context, 4)
+        drafter.observe(_verified(tree, []))
+    assert drafter.tier_factor("context") == 1.0
+    assert drafter.propose(context, 4).scores.tolist() == first.scores.tolist()
+    assert drafter.tier_estimated["context"] > 0  # still learnt
+    drafter.planned(False)
+    assert drafter.tier_factor("context") < 0.5

@@ -304,6 +304,7 @@ BAD_REQUESTS = [
     (CHAT, chat_body(temperature=-0.1), 400, "temperature", None),
     (CHAT, chat_body(temperature=2.5), 400, "temperature", None),
     (CHAT, chat_body(temperature="hot"), 400, "temperature", None),
+    (CHAT, chat_body(temperature=10 ** 400), 400, "temperature", None),  # an int too large for a float
     (CHAT, chat_body(top_p=0), 400, "top_p", None),
     (CHAT, chat_body(top_p=1.5), 400, "top_p", None),
     (CHAT, chat_body(n=2), 400, "n", None),
