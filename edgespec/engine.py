@@ -424,12 +424,19 @@ class Engine:
 
     def variant(self, drafter: "str | Drafter | None" = "ngram", *, draft_budget: int | None = None,
                 device: "str | os.PathLike | DeviceProfile | None" = None, tree: str = "auto",
-                ngram_cache=None, ngram_static=None) -> "Engine":
+                ngram_cache: "str | os.PathLike | bool | None" = None,
+                ngram_static: "str | os.PathLike | None" = None) -> "Engine":
         """A second engine over this one's loaded target: the ONNX Runtime session (the weights) is shared, while
         the KV cache, drafter, device profile, tree policy and planner are the variant's own (arguments as `load`;
         `draft_budget` defaults to this engine's). For comparing speculation settings side by side in one process
         (`edgespec bench --interleave`) without loading the model twice. Both engines stay usable; closing one
-        leaves the other's session alone."""
+        leaves the other's session alone.
+
+        >>> chains = engine.variant("ngram", tree="chain:4")              # doctest: +SKIP
+        >>> chains.generate("def fib(n):", max_new_tokens=32).token_ids == \
+        ...     engine.generate("def fib(n):", max_new_tokens=32).token_ids  # doctest: +SKIP
+        True
+        """
         self._check_open()
         return Engine(self._manifest, threads=self.threads, max_context=self.context_length,
                       model=self.entry.name, drafter=drafter,
