@@ -282,8 +282,6 @@ def _get(d: dict, key: str, where: str, prefix: str = ""):
     return d[key]
 
 
-
-
 def _ascending_ints(value, where: str, name: str) -> list[int]:
     if not isinstance(value, list) or not value:
         _fail(where, name, f"must be a non-empty list of positive integers, got {_r(value)}")

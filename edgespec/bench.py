@@ -722,29 +722,20 @@ def run_interleaved_job(job: dict, engines: dict | None = None) -> dict:
     for system in systems[1:]:
         results[system].update(prompts=first["prompts"], skipped=first["skipped"])
 
-    def stop(system: str, exc: Exception) -> None:
-        if isinstance(exc, ModeUnavailable):
-            results[system].update(status="skipped", note=str(exc), rows=[])
-        else:
-            traceback.print_exc()
-            results[system].update(status="failed", note=f"{type(exc).__name__}: {exc}", rows=[])
-
     live = list(systems)
     for system in systems if prompts else []:
         try:
             _warm_up(engines[system], system, job, prompts[0][1])
         except Exception as exc:  # one system's failure must not take the others down
-            stop(system, exc)
+            results[system].update(_failure(exc))
             live.remove(system)
     for i, prompt in enumerate(prompts):
         order = live[i % len(live):] + live[:i % len(live)] if live else []
-        for system in order:
-            if system not in live:
-                continue
+        for system in order:  # only a system's own failure removes it from `live`
             try:
                 results[system]["rows"].append(_measure(engines[system], system, job, prompt))
             except Exception as exc:
-                stop(system, exc)
+                results[system].update(_failure(exc))
                 live.remove(system)
                 continue
             _progress(system, i + 1, len(prompts), results[system]["rows"][-1])
@@ -871,15 +862,21 @@ JOBS = {"mode": run_mode_job, "interleave": run_interleaved_job, "hf": run_hf_jo
         "llama.cpp": run_llama_cpp_job}
 
 
+def _failure(exc: Exception) -> dict:
+    """The status of a system stopped by `exc`: skipped when its mode or peer is unavailable here, else failed
+    (with the traceback on stderr); no rows either way."""
+    if isinstance(exc, (PeerUnavailable, ModeUnavailable)):
+        return {"status": "skipped", "note": str(exc), "rows": []}
+    traceback.print_exc()
+    return {"status": "failed", "note": f"{type(exc).__name__}: {exc}", "rows": []}
+
+
 def run_job(job: dict) -> dict:
     """Run one job in this process; unavailability and errors become a status, never an exception."""
     try:
         result = JOBS[job["kind"]](job)
-    except (PeerUnavailable, ModeUnavailable) as exc:
-        result = {"status": "skipped", "note": str(exc), "rows": []}
     except Exception as exc:  # a failed system must not take the others down
-        traceback.print_exc()
-        result = {"status": "failed", "note": f"{type(exc).__name__}: {exc}", "rows": []}
+        result = _failure(exc)
     result["peak_rss_mb"] = peak_rss_mb()
     return result
 

@@ -13,8 +13,8 @@ empty: speculation is off for that context.
 `Planner` keeps one set of statistics per *confidence bucket* (the drafter's own estimate for its first node: an
 n-gram match seen 9 times out of 10 is another drafter than a guess), re-plans when the statistics drift or the
 context moves to another part of the cost curve, and probes an empty plan now and then (with doubling pauses) so
-that a drafter which starts paying is noticed: each probe's outcome is checked for drift at once. It also predicts each step's tokens and seconds, which the engine
-compares with what happened (how good the model is).
+that a drafter which starts paying is noticed: each probe's outcome is checked for drift at once. It also predicts
+each step's tokens and seconds, which the engine compares with what happened (how good the model is).
 """
 
 from __future__ import annotations

@@ -107,8 +107,6 @@ def json_type(value) -> str:
     return "array" if isinstance(value, list) else "object"
 
 
-
-
 def parse_request(body: dict, kind: str, model_id: str, max_tokens_limit: int | None,
                   default_max_tokens: int) -> CompletionRequest:
     """Check a request body and turn it into a CompletionRequest; raises APIError (400/404) naming the field."""
