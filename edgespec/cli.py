@@ -241,11 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export the target with layer gates (and a reduced draft head) so it can draft for itself")
     p.add_argument("--quant", choices=["gguf", "fp32", "int8", "int4"], default=None,
                    help="default: gguf (exact GGUF blocks) for GGUF sources, fp32 for HF folders")
-    p.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
-                   help="MatMulNBits accuracy level: 0 exact fp32 math, 4 int8 activations (faster, approximate)")
-    p.add_argument("--eight-bit", choices=["fp32", "split", "nbits"], default="fp32",
-                   help="form of 8-bit GGUF blocks (Q6_K/Q5_0/Q8_0): fp32 exact+fast (default), split exact+compact, "
-                        "nbits one 8-bit MatMulNBits (use with --accuracy-level 4)")
+    p.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                   help="MatMulNBits accuracy level: 4 int8 activations (default: fast, speculation exact to itself, "
+                        "fidelity to the fp32 reference measured into the manifest), 0 fp32 math (bit-faithful to "
+                        "the reference, slower)")
+    p.add_argument("--eight-bit", choices=["fp32", "split", "nbits"], default="nbits",
+                   help="form of 8-bit GGUF blocks (Q6_K/Q5_0/Q8_0): nbits one 8-bit MatMulNBits (default), fp32 "
+                        "exact dense weights (use with --accuracy-level 0), split exact 4-bit halves (compact)")
     p.add_argument("--no-fused-ops", action="store_true",
                    help="standard ONNX operators instead of ORT's fused ones (for measuring their benefit)")
     p.add_argument("--name", default=None, help="name of the target inside the bundle")

@@ -92,6 +92,36 @@ class DraftTree:
         if self.scores is not None and self.scores.shape != (n,):
             raise ValueError(f"draft scores have shape {self.scores.shape}, expected {(n,)}")
 
+    def chain_first(self) -> "DraftTree":
+        """The same tree with its main branch (the first child at every level) laid out first, as a chain: nodes
+        0..d-1 then have parents -1, 0, .., d-2. Siblings keep their order. The target scores the main branch at
+        the cache slots plain decoding would use, so its logits are bitwise those of one-at-a-time decoding (see
+        `exact_prefix`); the other nodes follow in their original order."""
+        n = len(self)
+        if n == 0:
+            return self
+        kids = self.children()
+        branch, node = [], -1
+        while kids[node + 1]:
+            node = kids[node + 1][0]
+            branch.append(node)
+        if branch == list(range(len(branch))):
+            return self
+        on_branch = set(branch)
+        order = branch + [i for i in range(n) if i not in on_branch]
+        index = {old: new for new, old in enumerate(order)}
+        parents = [index[int(self.parents[i])] if self.parents[i] >= 0 else -1 for i in order]
+        return DraftTree(self.tokens[order], np.asarray(parents, dtype=np.int64),
+                         self.probs[order] if self.probs is not None else None,
+                         self.scores[order] if self.scores is not None else None)
+
+    def exact_prefix(self) -> int:
+        """How many leading nodes form a chain (parents -1, 0, 1, ..): the nodes whose cache slots equal their
+        positions, so the target's logits for them equal one-at-a-time decoding bitwise."""
+        chain = np.arange(-1, len(self) - 1)
+        off = np.flatnonzero(self.parents != chain)
+        return int(off[0]) if len(off) else len(self)
+
     def prune(self, max_nodes: int, max_depth: int) -> "DraftTree":
         """The first `max_nodes` nodes no deeper than `max_depth` (a node is kept only with its parent)."""
         keep: list[int] = []

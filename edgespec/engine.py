@@ -27,7 +27,7 @@ from .runtimes.manifest import BundleError, Manifest, ModelEntry, load_manifest
 from .runtimes.runner import ContextOverflow, ModelRunner, default_threads
 from .sampling import GenerationConfig, greedy, process_logits, sample
 from .text import StopMatcher, StreamDecoder, Tokenizer, common_prefix_length
-from .verify import verify_tree
+from .verify import verify_exact
 
 if TYPE_CHECKING:
     from .devices.profile import DeviceProfile
@@ -55,6 +55,9 @@ class GenerationStats:
     predicted_seconds: float = 0.0
     observed_tokens: int = 0
     observed_seconds: float = 0.0
+    # steps that verified a replayed path (an accepted off-branch path cut by exactness; not planned) and their tokens
+    replayed_steps: int = 0
+    replayed_tokens: int = 0
     stopped_early: bool = False  # the caller closed the stream (or cancelled) before the generation ended
     time_to_first_token: float = 0.0
     total_seconds: float = 0.0
@@ -263,6 +266,8 @@ class Engine:
             raise ValueError(f"draft_budget must be an int >= 0, got {draft_budget!r}")
         self._draft_budget = draft_budget
         self._verify_cost = ProfileCost(self.profile) if self.profile is not None else VerifyCost()
+        self._replay: list[int] = []  # an accepted off-branch path to verify again as a chain (next step's draft)
+        self._replaying = False  # this step verifies the replay
         self._steps_to_plain = 0  # speculative steps until the next plain (one-token) step is measured
         self._calibration = Calibration()  # how the drafter's acceptance estimates compare with what happens
         self.drafter: Drafter | None = make_drafter(drafter, self, ngram_cache=ngram_cache, ngram_static=ngram_static)
@@ -495,13 +500,16 @@ class Engine:
         return depth * per_forward if per_forward else 0.0
 
     def _warn_if_inexact_verification(self) -> None:
-        """Bundles exported with int8 activations (`--accuracy-level` > 0) round a T-token forward differently from
-        T single steps by far more than a near-tie, so speculative output may differ from their own plain output."""
-        level = int((self.entry.quantization or {}).get("accuracy_level") or 0)
-        if self.drafter is not None and level > 0:
-            warnings.warn(f"model {self.entry.name!r} was exported with accuracy level {level} (int8 activations): "
-                          "speculative output can differ from this bundle's plain output; export with "
-                          "--accuracy-level 0 for exact speculation", UserWarning, stacklevel=3)
+        """Bundles exported with int8 activations (`--accuracy-level` > 0) before attention summed in slot order
+        (no `quantization.t_invariant` in the manifest) round a T-token forward differently from T single steps, so
+        speculative output may differ from their own plain output."""
+        quantization = self.entry.quantization or {}
+        level = int(quantization.get("accuracy_level") or 0)
+        if self.drafter is not None and level > 0 and quantization.get("t_invariant") is not True:
+            warnings.warn(f"model {self.entry.name!r} was exported with accuracy level {level} (int8 activations) "
+                          "by an older edgespec whose attention is not T-invariant: speculative output can differ "
+                          "from this bundle's plain output; export it again for exact speculation", UserWarning,
+                          stacklevel=3)
 
     # ---- phases -----------------------------------------------------------------------------------------------
     def _config(self, overrides: dict) -> GenerationConfig:
@@ -561,6 +569,7 @@ class Engine:
         Without a drafter every step scores one token; with one, each step verifies a draft tree and yields the
         accepted tokens and the target's bonus token. `budget` bounds how many tokens the caller can take."""
         rng = np.random.default_rng(config.seed)
+        self._replay = []
         drafter = self.drafter if self._draft_budget > 0 else None
         stats.drafter = drafter.name if drafter is not None else "none"
         start = time.perf_counter()
@@ -637,6 +646,12 @@ class Engine:
             ask = min(max_nodes, wanted if self._planner.dynamic else 3 * wanted)
         elif self._fixed_paths is not None and max_nodes:
             ask = min(max_nodes, 3 * len(self._fixed_paths))
+        replay, self._replay, self._replaying = self._replay, [], False
+        if replay and max_nodes:  # an accepted off-branch path, verified again as a chain at its own slots
+            self.drafter.propose(context, 0)
+            stats.draft_seconds += time.perf_counter() - t
+            self._replaying = True
+            return DraftTree.chain(replay).prune(max_nodes, max_depth), None
         # always asked (with no budget when no node can be verified), so the drafter knows this step was not its own
         tree = self.drafter.propose(context, ask)
         stats.draft_seconds += time.perf_counter() - t
@@ -655,7 +670,8 @@ class Engine:
         elif tree.scores is not None:  # keep only as many nodes as pay off at this device's verification cost
             adjusted = self._calibration.adjust(tree.scores, tree.parents)
             tree = tree.subtree(choose_nodes(adjusted, tree.parents, self._verify_cost.cost))
-        return tree, prediction
+        # the main branch at the slots plain decoding uses: its logits are exact (see verify.cut_to_exact_prefix)
+        return tree.chain_first(), prediction
 
     def _speculate_step(self, context: list[int], config: GenerationConfig, rng, stats: GenerationStats,
                         remaining: int) -> tuple[list[int], int]:
@@ -675,7 +691,7 @@ class Engine:
         seconds = time.perf_counter() - t
         stats.verify_seconds += seconds
         self._verify_cost.observe(len(fed_tokens), seconds)
-        accepted_nodes, bonus = verify_tree(tree, logits, config, rng)
+        accepted_nodes, bonus, self._replay = verify_exact(tree, logits, config, rng)
         self._runner.commit([0] + [node + 1 for node in accepted_nodes])
         accepted = [int(tree.tokens[node]) for node in accepted_nodes]
         if tree.scores is not None and len(tree):
@@ -693,6 +709,9 @@ class Engine:
         elapsed = time.perf_counter() - t0
         inner = (stats.draft_seconds - draft_before) + (stats.verify_seconds - verify_before)
         stats.bookkeeping_seconds += elapsed - inner
+        if self._replaying:
+            stats.replayed_steps += 1
+            stats.replayed_tokens += len(accepted) + 1
         if prediction is not None:
             stats.predicted_steps += 1
             stats.predicted_tokens += prediction.tokens

@@ -35,16 +35,17 @@ def _child_with_token(tree: DraftTree, kids: list[int], token: int) -> int | Non
     return None
 
 
-def follow_matches(tree: DraftTree, logits: np.ndarray, pick) -> tuple[list[int], int]:
+def follow_matches(tree: DraftTree, logits: np.ndarray, pick, stop_at: int | None = None) -> tuple[list[int], int]:
     """Walk down the tree: at each node `pick(logits row)` chooses the target's token; follow the child with that
-    token, or stop and return it as the bonus."""
+    token, or stop and return it as the bonus. A child at index `stop_at` or later is returned as the bonus
+    without walking below it."""
     children = tree.children()
     accepted: list[int] = []
     node = -1
     while True:
         token = pick(logits[node + 1])
         child = _child_with_token(tree, children[node + 1], token)
-        if child is None:
+        if child is None or (stop_at is not None and child >= stop_at):
             return accepted, token
         accepted.append(child)
         node = child
@@ -56,17 +57,19 @@ def verify_greedy(tree: DraftTree, logits: np.ndarray) -> tuple[list[int], int]:
 
 
 def verify_sampled(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
-                   rng: np.random.Generator) -> tuple[list[int], int]:
+                   rng: np.random.Generator, stop_at: int | None = None) -> tuple[list[int], int]:
     """Deterministic drafts: draw the target's token at each node (temperature/top-k/top-p applied) and follow the
-    matching child; the first draw that matches no child is the bonus."""
+    matching child; the first draw that matches no child (or matches a child at `stop_at` or later) is the bonus.
+    One draw per emitted token, as plain sampling makes."""
     return follow_matches(tree, logits, lambda row: sample(
-        process_logits(row, config.temperature, config.top_k, config.top_p), rng))
+        process_logits(row, config.temperature, config.top_k, config.top_p), rng), stop_at)
 
 
 def verify_rejection(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
-                     rng: np.random.Generator) -> tuple[list[int], int]:
+                     rng: np.random.Generator, stop_at: int | None = None) -> tuple[list[int], int]:
     """Multi-draft rejection sampling over the tree (tree.probs required; siblings drawn from q without
-    replacement). The emitted tokens follow the target's processed distribution exactly."""
+    replacement). The emitted tokens follow the target's processed distribution exactly. An accepted child at
+    index `stop_at` or later ends the walk as the bonus (it is a draw from its parent's distribution)."""
     if tree.probs is None:
         raise ValueError("verify_rejection needs draft probabilities (tree.probs)")
     children = tree.children()
@@ -92,6 +95,8 @@ def verify_rejection(tree: DraftTree, logits: np.ndarray, config: GenerationConf
                 q /= total
         if chosen is None:
             return accepted, sample(p, rng)
+        if stop_at is not None and chosen >= stop_at:
+            return accepted, int(tree.tokens[chosen])
         accepted.append(chosen)
         node = chosen
 
@@ -105,3 +110,48 @@ def verify_tree(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
     if tree.probs is not None:
         return verify_rejection(tree, logits, config, rng)
     return verify_sampled(tree, logits, config, rng)
+
+
+def verify_exact(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
+                 rng: np.random.Generator) -> tuple[list[int], int, list[int]]:
+    """`verify_tree` using only logits computed at plain decoding's cache slots; returns (accepted nodes, bonus,
+    replay).
+
+    A node outside the tree's leading chain (`DraftTree.exact_prefix`) is scored at a cache slot other than its
+    position, so its logits and K/V may differ from plain decoding in the last bits. The first such node on the
+    accepted path was still chosen by its parent's exact logits: it becomes the bonus token (fed again next step,
+    at its own slot). `replay` is a likely draft for the next step, verified there as a chain: under greedy
+    decoding the path the inexact logits chose below the cut (`cut_to_exact_prefix`); when sampling, the walk
+    stops at the cut (one random draw per emitted token, as in plain sampling) and the replay is the drafted main
+    branch below it."""
+    if config.is_greedy:
+        return cut_to_exact_prefix(tree, *verify_greedy(tree, logits))
+    prefix = tree.exact_prefix()
+    if tree.probs is not None:
+        accepted, bonus = verify_rejection(tree, logits, config, rng, stop_at=prefix)
+    else:
+        accepted, bonus = verify_sampled(tree, logits, config, rng, stop_at=prefix)
+    parent = accepted[-1] if accepted else -1
+    cut = next((c for c in tree.children()[parent + 1] if c >= prefix and tree.tokens[c] == bonus), None)
+    return accepted, bonus, [] if cut is None else _main_branch_below(tree, cut)
+
+
+def _main_branch_below(tree: DraftTree, node: int) -> list[int]:
+    """Tokens of the first-child chain under `node`."""
+    children = tree.children()
+    out = []
+    while children[node + 1]:
+        node = children[node + 1][0]
+        out.append(int(tree.tokens[node]))
+    return out
+
+
+def cut_to_exact_prefix(tree: DraftTree, accepted: list[int], bonus: int) -> tuple[list[int], int, list[int]]:
+    """Cut a fully walked accepted path at its first node outside the leading chain: returns (the nodes before it,
+    its token as the bonus, the tokens below it on the path plus the old bonus as the replay)."""
+    prefix = tree.exact_prefix()
+    for i, node in enumerate(accepted):
+        if node >= prefix:
+            replay = [int(tree.tokens[n]) for n in accepted[i + 1:]] + [int(bonus)]
+            return accepted[:i], int(tree.tokens[node]), replay
+    return accepted, bonus, []

@@ -221,7 +221,7 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
         "special_tokens": special,
         "chat_template": template,
         "quantization": {"mode": quant, "accuracy_level": opts.accuracy_level, "eight_bit": opts.eight_bit, "fused_ops": opts.fused_ops,
-                         "tensor_types": tensor_types},
+                         "tensor_types": tensor_types, "t_invariant": True},
         "graph": {"file": f"{folder}/model.onnx", "data": f"{folder}/model.onnx.data", "kv_dtype": "float32"},
         "tokenizer": f"{folder}/tokenizer.json",
         "config": spec.to_dict(),
@@ -248,7 +248,7 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
 
 def export_bundle(target: str | ModelRequest, out_dir: str | os.PathLike, drafters=(), *, quant: str | None = None,
                   name: str | None = None,
-                  accuracy_level: int = 0, eight_bit: str = "fp32", fused_ops: bool = True, threads: int | None = None, parity: bool = True,
+                  accuracy_level: int = 4, eight_bit: str = "nbits", fused_ops: bool = True, threads: int | None = None, parity: bool = True,
                   cache_dir: str | None = None, overwrite: bool = False, log: Log = print,
                   progress=None, self_speculative: bool = False, draft_head_size: int = DRAFT_HEAD_SIZE,
                   drafter_kernels: str = "fast") -> ExportReport:

@@ -278,25 +278,24 @@ def _attention(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str,
     g.op_to("Transpose", [v], [new_value], perm=[0, 2, 1, 3])
     # Query heads that share a KV head are stacked along the sequence axis: [1, nkv, group*T, hd].
     qg = g.op("Reshape", [q, g.const("shape_qgroup", np.array([1, nkv, -1, hd], dtype=np.int64))])
+    # One product over [past | new] in slot order: a token's key and value sit at the same index (its cache slot)
+    # whichever forward computed it, so every attention sum runs over the same terms in the same order whether a
+    # token was decoded alone or scored inside a T-token chain (T-invariance: speculation stays bitwise exact).
+    # The runner passes the past sliced to its committed length; masked trailing slots add exact zeros.
+    keys = g.op("Concat", [f"past_key_{i}", new_key], axis=2)  # [1, nkv, P+T, hd]
+    values = g.op("Concat", [f"past_value_{i}", new_value], axis=2)
     if opts.fused_ops:
-        s_past = g.op("FusedMatMul", [qg, f"past_key_{i}"], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
-        s_new = g.op("FusedMatMul", [qg, new_key], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
+        scores = g.op("FusedMatMul", [qg, keys], domain=MS_DOMAIN, transB=1, alpha=spec.scale)
     else:
         scale = g.const(f"attn_scale_{spec.scale}", np.array(spec.scale, np.float32))
-        qs = g.op("Mul", [qg, scale])
-        s_past = g.op("MatMul", [qs, g.op("Transpose", [f"past_key_{i}"], perm=[0, 1, 3, 2])])
-        s_new = g.op("MatMul", [qs, g.op("Transpose", [new_key], perm=[0, 1, 3, 2])])
-    scores = g.op("Concat", [s_past, s_new], axis=-1)  # [1, nkv, group*T, P+T]
+        scores = g.op("MatMul", [g.op("Mul", [qg, scale]), g.op("Transpose", [keys], perm=[0, 1, 3, 2])])
     total = g.op("Shape", [scores], start=3)  # [P+T]
     t_len = g.op("Shape", [q], start=2, end=3)  # [T]
     per_head = g.op("Concat", [g.const("one_nh", np.array([1, nh], dtype=np.int64)), t_len, total], axis=0)
     scores = g.op("Add", [g.op("Reshape", [scores, per_head]), bias])  # [1, nh, T, P+T]
     probs = g.op("Softmax", [scores], axis=-1)
     grouped = g.op("Concat", [g.const("one_nkv", np.array([1, nkv, -1], dtype=np.int64)), total], axis=0)
-    probs = g.op("Reshape", [probs, grouped])
-    p_len = g.op("Shape", [f"past_key_{i}"], start=2, end=3)
-    probs_past, probs_new = g.op("Split", [probs, g.op("Concat", [p_len, t_len], axis=0)], n_out=2, axis=-1)
-    out = g.op("Add", [g.op("MatMul", [probs_past, f"past_value_{i}"]), g.op("MatMul", [probs_new, new_value])])
+    out = g.op("MatMul", [g.op("Reshape", [probs, grouped]), values])
     out = g.op("Reshape", [out, g.const("shape_heads_back", np.array([1, nh, -1, hd], dtype=np.int64))])
     out = g.op("Transpose", [out], perm=[0, 2, 1, 3])
     out = g.op("Reshape", [out, g.const("shape_merge", np.array([1, -1, nh * hd], dtype=np.int64))])

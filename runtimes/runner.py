@@ -160,21 +160,22 @@ class ModelRunner:
         feeds = {
             "input_ids": tokens[None, :],
             "position_ids": positions[None, :],
-            "attention_bias": attention_bias(past, self.cache.capacity, visible, positions,
+            "attention_bias": attention_bias(past, past, visible, positions,
                                              past_visible=past_visible, past_positions=past_positions),
             "logit_positions": np.asarray(logit_positions, dtype=np.int64).reshape(-1),
         }
         if self._windowed:
             feeds["attention_bias_local"] = attention_bias(
-                past, self.cache.capacity, visible, positions, window=self.entry.sliding_window,
+                past, past, visible, positions, window=self.entry.sliding_window,
                 past_visible=past_visible, past_positions=past_positions)
         if self.has_layer_gates:
             feeds["layer_gates"] = gates
         if self._draft_head_input:
             feeds["draft_head"] = self._draft_head if draft_head else self._no_draft_head
+        # the past sliced to its committed length: a token's K/V sit at its slot index in every forward (T-invariance)
         for i in range(self.entry.num_layers):
-            feeds[f"past_key_{i}"] = self.cache.keys[i]
-            feeds[f"past_value_{i}"] = self.cache.values[i]
+            feeds[f"past_key_{i}"] = self.cache.keys[i][:, :, :past]
+            feeds[f"past_value_{i}"] = self.cache.values[i][:, :, :past]
         start = time.perf_counter()
         outputs = self.session.run(self._output_names, feeds)
         self.timing.run_seconds += time.perf_counter() - start

@@ -111,16 +111,21 @@ def torch_reference():
 
 @pytest.fixture(scope="session")
 def real_bundles(tmp_path_factory):
-    """Export a real model by short name (once per session)."""
+    """Export a real model by short name (once per session and form): `exact=False` is the default export (int8
+    activations, T-invariant), `exact=True` the fp32-activation form (`--accuracy-level 0 --eight-bit fp32`) that
+    is bit-faithful to the reference; `parity=False` skips the torch reference check."""
     from edgespec.export.bundle import export_bundle
 
     root = tmp_path_factory.mktemp("real-bundles")
     cache = {}
 
-    def get(name: str):
-        if name not in cache:
-            cache[name] = export_bundle(name, root / name, log=print).bundle
-        return cache[name]
+    def get(name: str, exact: bool = False, parity: bool = True):
+        key = (name, exact)
+        if key not in cache:
+            options = dict(accuracy_level=0, eight_bit="fp32") if exact else {}
+            folder = root / (name + ("-exact" if exact else ""))
+            cache[key] = export_bundle(name, folder, log=print, parity=parity, **options).bundle
+        return cache[key]
 
     return get
 

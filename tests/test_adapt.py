@@ -485,7 +485,9 @@ def test_add_drafter_and_replace_model(bundle, pristine_bundle, tmp_path):
     assert set(report.models) == {"extra"}
     manifest = load_manifest(bundle)
     assert [d.name for d in manifest.drafters()] == ["small", "extra"]
-    assert manifest.raw["models"]["extra"]["quantization"]["accuracy_level"] == 0  # the target's options
+    target_quantization = manifest.raw["models"]["tiny-qwen2"]["quantization"]
+    for key in ("accuracy_level", "eight_bit"):  # the target's options
+        assert manifest.raw["models"]["extra"]["quantization"][key] == target_quantization[key]
     assert manifest.raw["models"]["extra"]["graph"]["file"] == "extra/model.onnx"
     engine = edgespec.load(bundle, threads=1, model="extra", drafter=None, ngram_cache=False)
     assert len(engine.generate("The quick", max_new_tokens=3, ignore_eos=True).token_ids) == 3

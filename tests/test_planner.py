@@ -251,10 +251,12 @@ def test_plan_follows_the_device_profile(tiny_bundles, reference):
         assert_exact_or_near_tie(plain.entry, ids, expected, result.token_ids, f"slope {slope}")
         outcomes[slope] = result.stats
         s = result.stats
-        assert s.predicted_steps == s.steps - 1  # every decode step was planned and predicted
-        assert s.observed_tokens == s.new_tokens - 1
+        # every decode step was planned and predicted, except those that replayed a path cut for exactness
+        assert s.predicted_steps + s.replayed_steps == s.steps - 1
+        assert s.observed_tokens + s.replayed_tokens == s.new_tokens - 1
     flat, steep = outcomes[0.02], outcomes[1.5]
-    assert flat.mean_accepted_tokens > 2.0 and flat.drafted_tokens > 0
+    # (the oracle hides the truth behind a sibling half the time: such paths are cut for exactness and replayed)
+    assert flat.mean_accepted_tokens > 1.6 and flat.drafted_tokens > 0
     assert steep.drafted_tokens <= 0.2 * flat.drafted_tokens and steep.mean_accepted_tokens < 1.5
     # the model's prediction of tokens per step follows what happened (an oracle drafter: long accepted runs)
     assert flat.predicted_tokens / flat.predicted_steps == pytest.approx(

@@ -412,8 +412,9 @@ def test_first_difference_helper():
     assert tree.parents.tolist() == [-1, 0, 0, 1, 1, 2, 2, 3, 3]
 
 
-def test_int8_activation_bundles_warn_that_speculation_is_not_exact(tiny_bundles, tmp_path):
-    """Accuracy level 4 rounds activations per forward: the engine says speculation may change its output."""
+def test_old_int8_activation_bundles_warn_that_speculation_is_not_exact(tiny_bundles, tmp_path):
+    """Accuracy level 4 from an exporter whose attention was not T-invariant (no `t_invariant` in the manifest):
+    the engine says speculation may change its output. Today's exports say they are T-invariant: no warning."""
     import json
     import shutil
     import warnings
@@ -422,7 +423,9 @@ def test_int8_activation_bundles_warn_that_speculation_is_not_exact(tiny_bundles
     shutil.copytree(tiny_bundles["qwen2"], copy)
     manifest = json.loads((copy / "manifest.json").read_text())
     for model in manifest["models"].values():
+        assert model["quantization"]["t_invariant"] is True
         model["quantization"]["accuracy_level"] = 4
+        del model["quantization"]["t_invariant"]
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.warns(UserWarning, match="accuracy level 4"):
         engine = load(copy, drafter=RandomDrafter(16))
@@ -432,6 +435,12 @@ def test_int8_activation_bundles_warn_that_speculation_is_not_exact(tiny_bundles
         load(tiny_bundles["qwen2"], drafter=RandomDrafter(16))  # exact bundle: no warning
     with pytest.warns(UserWarning, match="accuracy level 4"):
         engine.set_drafter(RandomDrafter(16))
+    for model in manifest["models"].values():
+        model["quantization"]["t_invariant"] = True
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load(copy, drafter=RandomDrafter(16))
 
 
 def test_engine_measures_a_plain_step_now_and_then(tiny_bundles, monkeypatch):
