@@ -48,19 +48,61 @@ class VerifyCost:
 
 class ProfileCost:
     """Verification time from a device profile (`edgespec.devices`) at the engine's current context length (the
-    engine sets `context` before each step). The profile is the cost model: the engine's own timings do not move
-    it, so `observe` records nothing."""
+    engine sets `context` before each step), checked against the engine's own timings.
 
-    def __init__(self, profile):
+    A profile measured at a bad moment (a compiler running beside it), on another machine or under another load
+    must not stay wrong. Each forward's time is compared with the profile's. When the median ratio (observed /
+    profile) of the last forwards, at least `minimum` of them, is off by more than `tolerance`, every size is
+    scaled by it (`scale`); a size whose own median ratio still differs from that by more than `tolerance` gets its
+    own factor (`corrections`: one token measured at 777 ms instead of 158 ms). The scale applies only when every
+    size observed often enough is off the same way. `changed` tells the engine (which re-plans and says so) when a
+    correction appears, goes, or moves by more than `tolerance`.""" 
+
+    def __init__(self, profile, window: int = 16, minimum: int = 8, tolerance: float = 1.5):
         self.profile = profile
         self.context = 0
+        self.window, self.minimum, self.tolerance = window, minimum, tolerance
+        self._ratios: dict[int, list[float]] = {}
+        self.scale = 1.0  # factor on every size
+        self.corrections: dict[int, float] = {}  # tokens -> factor replacing `scale` for that size
+        self.changed = False
+
+    def _off(self, ratio: float) -> bool:
+        return ratio > self.tolerance or ratio < 1.0 / self.tolerance
 
     def observe(self, tokens: int, seconds: float) -> None:
-        """The VerifyCost interface; a profile's costs stay as measured."""
+        """Record one forward of `tokens` tokens that took `seconds` at the current context."""
+        predicted = self.profile.verify_seconds(tokens, self.context)
+        if not predicted > 0 or not seconds > 0:
+            return
+        ratios = self._ratios.setdefault(tokens, [])
+        ratios.append(seconds / predicted)
+        del ratios[:-self.window]
+        if len(ratios) < self.minimum:
+            return
+        sized = {t: float(np.median(r)) for t, r in self._ratios.items() if len(r) >= self.minimum}
+        values = list(sized.values())
+        same_side = all(v > 1 for v in values) or all(v < 1 for v in values)
+        scale = float(np.median(values)) if same_side and all(self._off(v) for v in values) else 1.0
+        corrections = {t: r for t, r in sized.items() if self._off(r / scale)}
+        if (scale, corrections) != (self.scale, self.corrections):
+            moved = scale != self.scale and (self.scale == 1.0 or scale == 1.0 or self._off(scale / self.scale))
+            moved = moved or set(corrections) != set(self.corrections) or any(
+                self._off(r / self.corrections[t]) for t, r in corrections.items() if t in self.corrections)
+            self.scale, self.corrections = scale, corrections
+            self.changed = self.changed or moved
+
+    def factor(self, tokens: int) -> float:
+        """The correction applied to the profile's time for `tokens` tokens (1.0: the profile holds)."""
+        return self.corrections.get(tokens, self.scale)
+
+    def seconds(self, tokens: int, context: int) -> float:
+        """The forward time of `tokens` tokens at `context`: the profile's, corrected where observed otherwise."""
+        return self.profile.verify_seconds(tokens, context) * self.factor(tokens)
 
     def cost(self, tokens: int) -> float:
-        """The profile's forward time for `tokens` tokens at the current context length."""
-        return self.profile.verify_seconds(tokens, self.context)
+        """The forward time for `tokens` tokens at the current context length."""
+        return self.seconds(tokens, self.context)
 
 
 def choose_nodes(scores: np.ndarray, parents: np.ndarray, cost) -> list[int]:

@@ -485,9 +485,26 @@ class Engine:
 
     def _verify_seconds(self, tokens: int, context: int) -> float:
         """The target's forward time for `tokens` tokens at `context` (the profile's, else measured online)."""
-        if self.profile is not None:
-            return self.profile.verify_seconds(tokens, context)
+        if isinstance(self._verify_cost, ProfileCost):
+            return self._verify_cost.seconds(tokens, context)
         return self._verify_cost.cost(tokens)
+
+    def _observe_cost(self, tokens: int, seconds: float) -> None:
+        """Feed one forward's time to the cost model. When the engine's timings contradict the device profile (see
+        `ProfileCost`), say so once per change and let the planner plan again with the corrected costs."""
+        cost = self._verify_cost
+        cost.observe(tokens, seconds)
+        if isinstance(cost, ProfileCost) and cost.changed:
+            cost.changed = False
+            if self._planner is not None:
+                self._planner.forget_plans()
+            if cost.scale != 1.0 or cost.corrections:
+                shown = ", ".join([f"all sizes x{cost.scale:.2f}"] * (cost.scale != 1.0) +
+                                  [f"T={t} x{f:.2f}" for t, f in sorted(cost.corrections.items())])
+                warnings.warn(f"device profile {self.profile.name!r} does not match this session's timings "
+                              f"(observed / profile: {shown}); planning with the observed costs. Measure the "
+                              f"device again with `edgespec profile --bundle {self.bundle_path}`", UserWarning,
+                              stacklevel=4)
 
     def _draft_seconds(self, depth: int, nodes: int) -> float:
         """A model drafter's time for a tree `depth` deep: one forward per level (measured online, else from the
@@ -588,7 +605,7 @@ class Engine:
                 logits = self._decode_step(token)
                 seconds = time.perf_counter() - t
                 stats.decode_seconds += seconds
-                self._verify_cost.observe(1, seconds)
+                self._observe_cost(1, seconds)
                 stats.steps += 1
                 token = self._choose(logits, config, rng)
         context = list(ids)
@@ -690,7 +707,7 @@ class Engine:
         logits = self._runner.forward(fed_tokens, fed_parents)
         seconds = time.perf_counter() - t
         stats.verify_seconds += seconds
-        self._verify_cost.observe(len(fed_tokens), seconds)
+        self._observe_cost(len(fed_tokens), seconds)
         accepted_nodes, bonus, self._replay = verify_exact(tree, logits, config, rng)
         self._runner.commit([0] + [node + 1 for node in accepted_nodes])
         accepted = [int(tree.tokens[node]) for node in accepted_nodes]

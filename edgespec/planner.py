@@ -358,6 +358,11 @@ class Planner:
     def _context_key(self, context: int) -> int:
         return int(context) // self.context_step
 
+    def forget_plans(self) -> None:
+        """Drop every cached plan (the cost model changed); the next request plans again."""
+        self._plans.clear()
+        self._probe_plans.clear()
+
     def plan(self, bucket: int, context: int, probe: bool = False) -> TreePlan:
         """The current plan for a bucket at a context length (re-planned when stale). `probe`: the best non-empty
         tree instead, for bringing fresh evidence to a bucket whose plan is plain decoding."""

@@ -51,6 +51,9 @@ class BuildOptions:
     # With layer_gates: sorted token ids (int64) of a reduced LM head. Adds an input `draft_head` (bool scalar); when
     # it is true the logits are [1, K, R] for these ids only (a second, smaller head weight holding their rows).
     draft_head_tokens: np.ndarray | None = None
+    # Projections that read the same input (Q/K/V, gate/up) and share a GGUF block type run as one MatMulNBits over
+    # their stacked rows, split afterwards (fewer, larger kernel calls; the same dot product per output column)
+    fuse_projections: bool = True
 
 
 class ExternalData:
@@ -98,6 +101,7 @@ class _Graph:
         self.data = data
         self._count = 0
         self._consts: set[str] = set()
+        self._block_sums: dict[tuple, str] = {}
 
     def name(self, hint: str) -> str:
         self._count += 1
@@ -122,6 +126,17 @@ class _Graph:
         else:
             self.initializers.append(numpy_helper.from_array(array, name))
         return name
+
+    def block_sums(self, x: str, k_blocks: int, block_size: int) -> str:
+        """Sums of `x` over blocks of `block_size` along its last axis ([1, T, k_blocks]); built once per input (the
+        Q4_K offset terms of every projection that reads `x` share it)."""
+        key = (x, k_blocks, block_size)
+        if key not in self._block_sums:
+            shape = self.const(f"blocks_{k_blocks}x{block_size}", np.array([1, -1, k_blocks, block_size], np.int64))
+            self._block_sums[key] = self.op("ReduceSum", [self.op("Reshape", [x, shape]),
+                                                          self.const("axis_last", np.array([-1], np.int64))],
+                                            keepdims=0)
+        return self._block_sums[key]
 
     def weight(self, name: str, array: np.ndarray) -> str:
         self.initializers.append(self.data.add(name, array))
@@ -179,9 +194,7 @@ def _linear(g: _Graph, x: str, weight, name: str, opts: BuildOptions, bias: np.n
         y = _nbits(g, a, fast.weight, name, opts.accuracy_level)
         if fast.block_offsets is not None:
             kb = fast.block_offsets.shape[1]
-            shape = g.const(f"blocks_{kb}x{weight.block_size}", np.array([1, -1, kb, weight.block_size], np.int64))
-            sums = g.op("ReduceSum", [g.op("Reshape", [x, shape]), g.const("axis_last", np.array([-1], np.int64))],
-                        keepdims=0)
+            sums = g.block_sums(x, kb, weight.block_size)
             y = g.op("Add", [y, g.op("MatMul", [sums, g.weight(name + ".offsets", fast.block_offsets.T.copy())])])
     else:
         w = np.ascontiguousarray(np.asarray(weight, dtype=np.float32).T)
@@ -189,6 +202,58 @@ def _linear(g: _Graph, x: str, weight, name: str, opts: BuildOptions, bias: np.n
     if bias is not None:
         y = g.op("Add", [y, g.const(name + ".bias", np.asarray(bias, dtype=np.float32))])
     return y
+
+
+def _fusable(weights: list) -> bool:
+    """True when the weights can be stacked into one MatMulNBits: GGUF blocks of one type and layout."""
+    first = weights[0]
+    if not all(isinstance(w, BlockQuantized) for w in weights):
+        return False
+    key = lambda w: (w.bits, w.block_size, w.k, w.source_type, w.zero_points is None)  # noqa: E731
+    return all(key(w) == key(first) for w in weights)
+
+
+def _stack_rows(weights: list[BlockQuantized]) -> BlockQuantized:
+    """One BlockQuantized whose output rows are those of `weights` in order."""
+    first = weights[0]
+    zp = None if first.zero_points is None else np.concatenate([w.zero_points for w in weights])
+    return BlockQuantized(first.bits, first.block_size, sum(w.n for w in weights), first.k,
+                          np.concatenate([w.packed for w in weights]), np.concatenate([w.scales for w in weights]),
+                          zp, first.source_type)
+
+
+def _linears(g: _Graph, x: str, weights: list, names: list[str], opts: BuildOptions,
+             biases: list | None = None) -> list[str]:
+    """`_linear` for several weights reading the same input. With `opts.fuse_projections`, weights of the same GGUF
+    block type run as one MatMulNBits over their stacked rows (one kernel call and one offset product instead of
+    several), split afterwards; each output column is the same dot product either way."""
+    biases = biases or [None] * len(weights)
+    groups: list[list[int]] = []
+    for i, w in enumerate(weights):
+        for group in groups:
+            if opts.fuse_projections and _fusable([weights[group[0]], w]):
+                group.append(i)
+                break
+        else:
+            groups.append([i])
+    outs: list[str | None] = [None] * len(weights)
+    for group in groups:
+        if len(group) == 1:
+            i = group[0]
+            outs[i] = _linear(g, x, weights[i], names[i], opts, biases[i])
+            continue
+        stacked = _stack_rows([weights[i] for i in group])
+        bias = None
+        if any(biases[i] is not None for i in group):
+            bias = np.concatenate([np.zeros(weights[i].n, np.float32) if biases[i] is None
+                                   else np.asarray(biases[i], np.float32) for i in group])
+        y = _linear(g, x, stacked, "+".join(names[i] for i in group), opts, bias)
+        sizes = g.const("split_" + "_".join(str(weights[i].n) for i in group),
+                        np.array([weights[i].n for i in group], np.int64))
+        parts = g.op("Split", [y, sizes], n_out=len(group), axis=-1)
+        for i, part in zip(group, parts):
+            outs[i] = part
+    return outs
 
 
 def _embedding(g: _Graph, ids: str, table, name: str) -> str:
@@ -257,14 +322,16 @@ def _attention(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str,
     nh, nkv, hd = spec.num_heads, spec.num_kv_heads, spec.head_dim
     group = nh // nkv
 
-    def proj(kind: str) -> str:
-        b = weights.get(f"{p}.attn_{kind}.bias") if weights.has(f"{p}.attn_{kind}.bias") else None
-        return _linear(g, x, weights.get(f"{p}.attn_{kind}.weight"), f"{p}.attn_{kind}", opts, b)
+    kinds = ("q", "k", "v")
+    biases = [weights.get(f"{p}.attn_{kind}.bias") if weights.has(f"{p}.attn_{kind}.bias") else None
+              for kind in kinds]
+    projected = _linears(g, x, [weights.get(f"{p}.attn_{kind}.weight") for kind in kinds],
+                         [f"{p}.attn_{kind}" for kind in kinds], opts, biases)
 
     def heads(t: str, n: int) -> str:
         return g.op("Reshape", [t, g.const(f"shape_heads_{n}", np.array([1, -1, n, hd], dtype=np.int64))])
 
-    q, k, v = heads(proj("q"), nh), heads(proj("k"), nkv), heads(proj("v"), nkv)  # [1, T, n, hd]
+    q, k, v = heads(projected[0], nh), heads(projected[1], nkv), heads(projected[2], nkv)  # [1, T, n, hd]
     if spec.qk_norm:
         q = _rms_norm(g, q, weights.get(f"{p}.attn_q_norm.weight"), f"{p}.attn_q_norm", spec.rms_norm_eps,
                       opts.fused_ops)
@@ -304,8 +371,8 @@ def _attention(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str,
 
 def _mlp(g: _Graph, spec: ArchSpec, weights: WeightSource, i: int, x: str, opts) -> str:
     p = f"blk.{i}"
-    gate = _linear(g, x, weights.get(f"{p}.ffn_gate.weight"), f"{p}.ffn_gate", opts)
-    up = _linear(g, x, weights.get(f"{p}.ffn_up.weight"), f"{p}.ffn_up", opts)
+    gate, up = _linears(g, x, [weights.get(f"{p}.ffn_gate.weight"), weights.get(f"{p}.ffn_up.weight")],
+                        [f"{p}.ffn_gate", f"{p}.ffn_up"], opts)
     if spec.activation == "silu":
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])
     elif opts.fused_ops:
