@@ -109,6 +109,10 @@ def test_model_drafters_greedy_equal_plain(spec, qwen_pair):
     unchanged on the real model."""
     bundle, plain = qwen_pair
     engine = edgespec.engine.load(bundle, threads=2, max_context=1024, drafter=spec, ngram_cache=False)
+    if spec.endswith("draft"):
+        # at the int8-activation default the target costs what its fast copy costs: drafting rarely pays on this
+        # CPU, so judge acceptance with drafting on regardless of timing
+        engine.drafter.target_cost = None
     steps = tokens = 0
     for prompt in PROMPTS[1:3]:
         ids = _chat_ids(plain, prompt)
