@@ -378,14 +378,32 @@ def test_sizes_are_timed_in_interleaved_rounds(monkeypatch):
     ticks = []
     ms = profile_module._interleaved_ms(runner, list(range(100)), 10, [1, 2, 4], repeats=3, warmup=True,
                                         tick=lambda: ticks.append(1))
-    assert runner.calls == [1, 2, 4] * 4  # a warm-up round, then three timed rounds
+    assert runner.calls == [1, 2, 4] + [1, 1, 2, 4] * 3  # a warm-up round, then three rounds (each opened untimed)
     assert set(runner.rewinds) == {10} and len(ticks) == 9
     # drift hits every size alike: each size's median comes from the same round, so the ratios stay near n
     assert ms[1] / ms[0] == pytest.approx(2.0, rel=0.06) and ms[2] / ms[0] == pytest.approx(4.0, rel=0.12)
     quick = _DriftingRunner()
     monkeypatch.setattr(profile_module.time, "perf_counter", lambda: quick.clock)
     profile_module._interleaved_ms(quick, list(range(100)), 0, [1, 2, 4], repeats=2, warmup=False)
-    assert quick.calls == [1] + [1, 2, 4] * 2  # quick: one warm-up forward, then the rounds
+    assert quick.calls == [1] + [1, 1, 2, 4] * 2  # quick: one warm-up forward, then the rounds
+
+
+class _AfterLargeRunner(_DriftingRunner):
+    """A forward right after a large one pays extra (what ONNX Runtime does after a 64-token forward)."""
+
+    def forward(self, tokens):
+        after_large = bool(self.calls) and self.calls[-1] >= 32
+        self.calls.append(len(tokens))
+        self.clock += 10.0 + len(tokens) + (60.0 if after_large else 0.0)
+
+
+def test_a_forward_after_a_large_one_is_not_what_a_size_costs(monkeypatch):
+    """Rounds go up to 64 tokens, then start again at one: the one-token forward after the 64-token one is slowed
+    by it, so each round opens with an untimed forward and the one-token cost stays what a decode loop sees."""
+    runner = _AfterLargeRunner()
+    monkeypatch.setattr(profile_module.time, "perf_counter", lambda: runner.clock)
+    ms = profile_module._interleaved_ms(runner, list(range(200)), 0, [1, 2, 64], repeats=3, warmup=True)
+    assert ms[0] == pytest.approx(11_000.0) and ms[1] == pytest.approx(12_000.0)
 
 
 def test_shipped_profiles_load_and_are_named_after_their_contents():
