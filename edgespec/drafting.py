@@ -100,11 +100,7 @@ class DraftTree:
         n = len(self)
         if n == 0:
             return self
-        kids = self.children()
-        branch, node = [], -1
-        while kids[node + 1]:
-            node = kids[node + 1][0]
-            branch.append(node)
+        branch = self.main_branch()
         if branch == list(range(len(branch))):
             return self
         on_branch = set(branch)
@@ -114,6 +110,15 @@ class DraftTree:
         return DraftTree(self.tokens[order], np.asarray(parents, dtype=np.int64),
                          self.probs[order] if self.probs is not None else None,
                          self.scores[order] if self.scores is not None else None)
+
+    def main_branch(self, below: int = -1) -> list[int]:
+        """The nodes of the first-child chain under node `below` (-1: from the context), top down."""
+        kids = self.children()
+        branch, node = [], below
+        while kids[node + 1]:
+            node = kids[node + 1][0]
+            branch.append(node)
+        return branch
 
     def exact_prefix(self) -> int:
         """How many leading nodes form a chain (parents -1, 0, 1, ..): the nodes whose cache slots equal their

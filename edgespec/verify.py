@@ -102,14 +102,14 @@ def verify_rejection(tree: DraftTree, logits: np.ndarray, config: GenerationConf
 
 
 def verify_tree(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
-                rng: np.random.Generator) -> tuple[list[int], int]:
+                rng: np.random.Generator, stop_at: int | None = None) -> tuple[list[int], int]:
     """The exact verification rule for `config`: greedy, rejection sampling with draft probabilities, or
-    target sampling for deterministic drafts."""
+    target sampling for deterministic drafts (`stop_at` as in `follow_matches`; greedy walks the whole tree)."""
     if config.is_greedy:
         return verify_greedy(tree, logits)
     if tree.probs is not None:
-        return verify_rejection(tree, logits, config, rng)
-    return verify_sampled(tree, logits, config, rng)
+        return verify_rejection(tree, logits, config, rng, stop_at)
+    return verify_sampled(tree, logits, config, rng, stop_at)
 
 
 def verify_exact(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
@@ -127,23 +127,10 @@ def verify_exact(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
     if config.is_greedy:
         return cut_to_exact_prefix(tree, *verify_greedy(tree, logits))
     prefix = tree.exact_prefix()
-    if tree.probs is not None:
-        accepted, bonus = verify_rejection(tree, logits, config, rng, stop_at=prefix)
-    else:
-        accepted, bonus = verify_sampled(tree, logits, config, rng, stop_at=prefix)
+    accepted, bonus = verify_tree(tree, logits, config, rng, stop_at=prefix)
     parent = accepted[-1] if accepted else -1
     cut = next((c for c in tree.children()[parent + 1] if c >= prefix and tree.tokens[c] == bonus), None)
-    return accepted, bonus, [] if cut is None else _main_branch_below(tree, cut)
-
-
-def _main_branch_below(tree: DraftTree, node: int) -> list[int]:
-    """Tokens of the first-child chain under `node`."""
-    children = tree.children()
-    out = []
-    while children[node + 1]:
-        node = children[node + 1][0]
-        out.append(int(tree.tokens[node]))
-    return out
+    return accepted, bonus, [] if cut is None else [int(tree.tokens[n]) for n in tree.main_branch(cut)]
 
 
 def cut_to_exact_prefix(tree: DraftTree, accepted: list[int], bonus: int) -> tuple[list[int], int, list[int]]:
