@@ -699,16 +699,6 @@ def resolve_device(spec: str | None, manifest: Manifest, threads: int | None, en
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def _parse_int_list(text: str | None, what: str) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        values = [int(v) for v in text.replace(" ", "").split(",") if v]
-    except ValueError:
-        raise ValueError(f"{what} must be comma-separated integers, got {text!r}") from None
-    return _check_sizes(values, what)
-
-
 def _print_profile(profile: DeviceProfile, path: Path) -> None:
     from rich.console import Console
     from rich.table import Table
@@ -784,27 +774,38 @@ def cmd_profile(args) -> int:
         bar.update(task, completed=done, total=total, description=label)
 
     with bar:
-        profile = measure_profile(manifest, threads=args.threads, contexts=_parse_int_list(args.contexts, "--contexts"),
-                                  sizes=_parse_int_list(args.sizes, "--sizes"), repeats=args.repeats,
+        profile = measure_profile(manifest, threads=args.threads, contexts=args.contexts, sizes=args.sizes,
+                                  repeats=args.repeats,
                                   drafters=not args.no_drafters, quick=args.quick, progress=progress)
     path = profile.save(args.output or default_profile_path(profile))
     _print_profile(profile, path)
     return 0
 
 
+MAX_REPEATS = 100
+MAX_LIST_ITEMS = 64  # values of --contexts and of --sizes
+MAX_CLI_SIZE = 1024  # the largest token count --sizes may ask a forward of
+
+
 def register_cli(subparsers) -> None:
-    """Add the `profile` command to an argparse subparsers object."""
+    """Add the `profile` command to an argparse subparsers object (numbers bounded: see edgespec.cliargs)."""
+    from ..cliargs import MAX_TOKENS as MAX_CLI_CONTEXT, bounded_int, int_list, new_or_regular_file, threads_arg
+
     p = subparsers.add_parser("profile", help="measure forward times of a bundle on this machine (device profile)")
     p.add_argument("--bundle", "-b", default=None, help="bundle folder to measure")
-    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: the runtime's default)")
+    p.add_argument("--threads", type=threads_arg(), default=None,
+                   help="intra-op threads, 1 to 4x the CPU count (default: the runtime's default)")
     p.add_argument("--quick", action="store_true",
                    help="one context, sizes up to 16, 2 repeats (what --device auto measures)")
-    p.add_argument("--output", "-o", default=None,
+    p.add_argument("--output", "-o", type=new_or_regular_file, default=None,
                    help="profile file to write (default: the user folder, $EDGESPEC_PROFILES or "
                         "~/.cache/edgespec/profiles)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per size (median; default 3, quick 2)")
-    p.add_argument("--contexts", default=None, metavar="C1,C2", help="context lengths (default 128,512,1536)")
-    p.add_argument("--sizes", default=None, metavar="N1,N2", help="token counts (default 1,2,3,4,5,6,8,...,64)")
+    p.add_argument("--repeats", type=bounded_int(1, MAX_REPEATS), default=None,
+                   help=f"timed runs per size, 1 to {MAX_REPEATS} (median; default 3, quick 2)")
+    p.add_argument("--contexts", type=int_list(1, MAX_CLI_CONTEXT, MAX_LIST_ITEMS), default=None, metavar="C1,C2",
+                   help=f"context lengths, 1 to {MAX_CLI_CONTEXT}, at most {MAX_LIST_ITEMS} (default 128,512,1536)")
+    p.add_argument("--sizes", type=int_list(1, MAX_CLI_SIZE, MAX_LIST_ITEMS), default=None, metavar="N1,N2",
+                   help=f"token counts, 1 to {MAX_CLI_SIZE}, at most {MAX_LIST_ITEMS} (default 1,2,3,4,5,6,8,...,64)")
     p.add_argument("--no-drafters", action="store_true", help="measure the target only")
     p.add_argument("--list", action="store_true", help="list the known profiles")
     p.set_defaults(func=cmd_profile)

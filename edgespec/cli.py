@@ -7,7 +7,17 @@ import json
 import os
 import sys
 
+from .cliargs import (MAX_SEED, MAX_TOKENS, at_most, bounded_float, bounded_int, bounded_text, new_or_regular_file,
+                      not_special_file, regular_file, threads_arg)
+from .text import MAX_STOP_CHARS
+
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime, with a short docstring."
+MAX_DRAFT_BUDGET = 256  # draft tree nodes per step: a verify forward of 257 tokens at most
+MAX_TEMPERATURE = 100.0
+MAX_EXPORT_DRAFTERS = 16
+MAX_STOPS = 4  # --stop strings (4 as OpenAI's API), each at most text.MAX_STOP_CHARS characters
+EXTRAS = {"export": ("torch", "transformers", "gguf", "onnx", "onnx_ir", "accelerate", "peft", "safetensors", "tqdm"),
+          "serve": ("starlette", "uvicorn"), "bench": ("psutil",)}  # optional dependencies: pyproject's extras
 
 
 def _console():
@@ -17,6 +27,7 @@ def _console():
 
 
 def cmd_export(args) -> int:
+    """`edgespec export TARGET -o BUNDLE`: export a target (and drafters) into a bundle folder."""
     from .export.bundle import ModelRequest, export_bundle
 
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
@@ -28,17 +39,22 @@ def cmd_export(args) -> int:
     tasks = {}
 
     def progress(done: int, total: int, label: str) -> None:
+        if not tasks:  # the bar shows from the first download on: an early error prints nothing but its line
+            bar.start()
         if label not in tasks:
             tasks[label] = bar.add_task(label, total=total or None)
         bar.update(tasks[label], completed=done, total=total or None)
 
     drafters = [ModelRequest(d, "drafter", quant=args.quant) for d in args.drafter or ()]
-    with bar:
+    try:
         report = export_bundle(target, args.output, drafters, accuracy_level=args.accuracy_level,
                                self_speculative=args.self_speculative, drafter_kernels=args.drafter_kernels,
                                eight_bit=args.eight_bit, fused_ops=not args.no_fused_ops, threads=args.threads,
                                parity=not args.no_parity, overwrite=args.force, log=lambda m: console.print(m),
                                progress=progress)
+    finally:
+        if tasks:
+            bar.stop()
     console.print(f"[bold green]bundle written:[/] {report.bundle} in {report.seconds:.1f} s")
     for name, stats in report.models.items():
         console.print(f"  {name}: {stats['graph_bytes'] / 1e6:.0f} MB, {stats['seconds']:.1f} s")
@@ -62,8 +78,20 @@ def _load_engine(args):
         _announce_profiling(args)
     return load(args.bundle, threads=args.threads, max_context=args.max_context,
                 drafter=None if args.drafter == "none" else args.drafter, draft_budget=args.draft_budget,
-                ngram_cache=cache, ngram_static=args.ngram_static, history=False if args.no_history else None,
+                ngram_cache=cache, ngram_static=args.ngram_static,
+                history=history_choice(args.history, args.no_history, os.environ),
                 device=None if args.device == "none" else args.device, tree=args.tree)
+
+
+def history_choice(on: bool, off: bool, environ) -> "bool | None":
+    """The `history` argument of `load` for the CLI flags: True with `--history`, False with the hidden
+    `--no-history`; with neither, None (the library reads EDGESPEC_HISTORY) when that variable is set, else False:
+    the CLI records nothing unless asked."""
+    if on:
+        return True
+    if off or not environ.get("EDGESPEC_HISTORY", "").strip():
+        return False
+    return None
 
 
 def _announce_profiling(args) -> None:
@@ -88,6 +116,7 @@ def _stats_line(stats) -> str:
 
 
 def cmd_generate(args) -> int:
+    """`edgespec generate [PROMPT] -b BUNDLE`: stream one completion to stdout, its stats to stderr."""
     engine = _load_engine(args)
     prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     stream = engine.chat_stream([{"role": "user", "content": prompt}], **_gen_config(args)) if args.chat else \
@@ -105,6 +134,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_chat(args) -> int:
+    """`edgespec chat -b BUNDLE`: an interactive multi-turn chat on the terminal."""
     console = _console()
     engine = _load_engine(args)
     if not engine.entry.chat_template:
@@ -146,6 +176,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_info(args) -> int:
+    """`edgespec info BUNDLE [--json]`: describe a bundle's models."""
     from .runtimes.manifest import load_manifest
 
     manifest = load_manifest(args.bundle)
@@ -163,14 +194,28 @@ def cmd_info(args) -> int:
         size = sum(f.stat().st_size for f in m.graph_path.parent.iterdir()) / 1e6
         table.add_row(name, m.role, m.architecture, str(m.num_layers), f"{m.num_heads}/{m.num_kv_heads}",
                       str(m.vocab_size), m.quantization.get("mode", "?"),
-                      f"{acc['top1_agreement']:.1%}" if "top1_agreement" in acc else "-",
-                      f"{acc['perplexity']:.2f} ({acc['reference_perplexity']:.2f})" if "perplexity" in acc else "-",
-                      f"{size:.0f}")
+                      _percent(acc.get("top1_agreement")), _perplexity(acc), f"{size:.0f}")
     Console().print(table)
     return 0
 
 
+def _percent(value) -> str:
+    """`value` as a percentage, or "-" when it is not a number."""
+    return f"{value:.1%}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+
+def _perplexity(acc: dict) -> str:
+    """The "ppl (ref)" cell of `edgespec info`: "-" for what the manifest lacks (never a KeyError)."""
+    def num(value) -> str:
+        return f"{value:.2f}" if isinstance(value, (int, float)) and not isinstance(value, bool) else "-"
+
+    if "perplexity" not in acc:
+        return "-"
+    return f"{num(acc.get('perplexity'))} ({num(acc.get('reference_perplexity'))})"
+
+
 def cmd_models(args) -> int:
+    """`edgespec models [--fetch NAME]`: list the known model sources, or fetch one."""
     from .export import sources
 
     if args.fetch:
@@ -184,39 +229,54 @@ def cmd_models(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """`edgespec bench`: see edgespec.bench."""
     from .bench import main as bench_main
 
     return bench_main(args)
 
 
 def _add_generation_args(p) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="stop string (repeatable)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--max-context", type=int, default=4096)
+    """The sampling, context, drafting and history options of `generate` and `chat` (each bounded)."""
+    p.add_argument("--max-new-tokens", type=bounded_int(1, MAX_TOKENS), default=128,
+                   help=f"tokens to generate, 1 to {MAX_TOKENS}")
+    p.add_argument("--temperature", type=bounded_float(0.0, MAX_TEMPERATURE), default=0.0,
+                   help=f"0 = greedy (default), at most {MAX_TEMPERATURE:g}")
+    p.add_argument("--top-k", type=bounded_int(0, MAX_TOKENS), default=0,
+                   help=f"0 = off (default), at most {MAX_TOKENS}")
+    p.add_argument("--top-p", type=bounded_float(0.0, 1.0, lo_open=True), default=1.0, help="in (0, 1]; 1 = off")
+    p.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=None, help="0 to 2**64-1 (default: fresh)")
+    p.add_argument("--stop", action=at_most(MAX_STOPS), type=bounded_text(MAX_STOP_CHARS),
+                   help=f"stop string (repeatable, at most {MAX_STOPS}, 1 to {MAX_STOP_CHARS} characters each)")
+    p.add_argument("--threads", type=threads_arg(), default=None,
+                   help="intra-op threads, 1 to 4x the CPU count (default: the physical cores)")
+    p.add_argument("--max-context", type=bounded_int(1, MAX_TOKENS), default=4096,
+                   help=f"tokens of context, 1 to {MAX_TOKENS} (capped at the model's)")
     p.add_argument("--truncate-prompt", action="store_true", help="keep the tail of a prompt over the context length")
     p.add_argument("--drafter", default="ngram", metavar="SPEC",
                    help="speculative drafter: ngram (default), draft[:NAME] (the bundle's drafter model), "
                         "self[:exit=E|skip=a,b|layers=a-b] (the target with layers skipped), cross[:NAME] (a drafter "
                         "with another tokenizer), stages joined by '>' (ngram>draft, ngram>cross), or none (plain "
                         "decoding). Output is the same either way")
-    p.add_argument("--draft-budget", type=int, default=16, help="most draft tree nodes per step")
+    p.add_argument("--draft-budget", type=bounded_int(0, MAX_DRAFT_BUDGET), default=16,
+                   help=f"most draft tree nodes per step, 0 to {MAX_DRAFT_BUDGET} (0: no drafting)")
     _add_device_args(p)
-    p.add_argument("--ngram-cache", default=None, metavar="PATH",
-                   help="persistent n-gram cache file (default: one per bundle under ~/.cache/edgespec/ngram)")
+    p.add_argument("--ngram-cache", type=new_or_regular_file, default=None, metavar="PATH",
+                   help="persistent n-gram cache file, a regular file (default: one per bundle under "
+                        "~/.cache/edgespec/ngram)")
     p.add_argument("--no-ngram-cache", action="store_true", help="no persistent n-gram cache")
-    p.add_argument("--ngram-static", default=None, metavar="CACHE", help="a cache built by `edgespec ngram build`")
-    p.add_argument("--no-history", action="store_true",
-                   help="do not log prompts and outputs for `edgespec adapt` (also: EDGESPEC_HISTORY=0)")
+    p.add_argument("--ngram-static", type=regular_file, default=None, metavar="CACHE",
+                   help="a cache built by `edgespec ngram build` (a regular file)")
+    history = p.add_mutually_exclusive_group()
+    history.add_argument("--history", action="store_true",
+                         help="record each prompt and output (for `edgespec adapt`) in the bundle's history file "
+                              "under ~/.cache/edgespec/history or $EDGESPEC_HISTORY_DIR, mode 0600; off by default "
+                              "(EDGESPEC_HISTORY=1 turns it on too)")
+    history.add_argument("--no-history", action="store_true", help=argparse.SUPPRESS)  # the old default, kept
 
 
 def _add_device_args(p) -> None:
     """--device and --tree (shared by generate, chat and bench)."""
-    p.add_argument("--device", default="auto", metavar="NAME|auto|FILE|none",
+    p.add_argument("--device", type=not_special_file, default="auto", metavar="NAME|auto|FILE|none",
                    help="device profile sizing the draft trees: auto (this device's profile for the bundle and thread "
                         "count; measured quickly on first use and cached, see `edgespec profile`), a profile name or "
                         "file, or none (costs measured while generating)")
@@ -231,9 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("export", help="export a target (+ drafters) into a bundle folder")
-    p.add_argument("target", help="short model name, .gguf file or Hugging Face folder")
-    p.add_argument("-o", "--output", required=True, help="bundle folder to write")
-    p.add_argument("--drafter", action="append", help="drafter model (repeatable)")
+    p.add_argument("target", type=not_special_file, help="short model name, .gguf file or Hugging Face folder")
+    p.add_argument("-o", "--output", type=not_special_file, required=True, help="bundle folder to write")
+    p.add_argument("--drafter", action=at_most(MAX_EXPORT_DRAFTERS), type=not_special_file,
+                   help=f"drafter model (repeatable, at most {MAX_EXPORT_DRAFTERS})")
     p.add_argument("--drafter-kernels", choices=["fast", "exact"], default="fast",
                    help="drafters' 4/8-bit kernels: fast (int8 activations, 8-bit blocks as MatMulNBits; default: a "
                         "drafter's rounding never changes the output) or exact (the target's settings)")
@@ -251,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fused-ops", action="store_true",
                    help="standard ONNX operators instead of ORT's fused ones (for measuring their benefit)")
     p.add_argument("--name", default=None, help="name of the target inside the bundle")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=threads_arg(), default=2, help="1 to 4x the CPU count (default 2)")
     p.add_argument("--no-parity", action="store_true", help="skip the torch reference check")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.set_defaults(func=cmd_export)
@@ -300,18 +361,47 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def missing_extra(exc: ImportError) -> "str | None":
+    """The `pip install` advice for an ImportError of an optional dependency (see EXTRAS), or None for any other."""
+    top = (exc.name or "").split(".")[0]
+    for extra, modules in EXTRAS.items():
+        if top in modules:
+            return f"this command needs the optional package {top!r}, which is not installed: " \
+                   f"pip install 'edgespec[{extra}]'"
+    return None
+
+
+def _expected_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input or a bad file (reported in one line), not a bug (a traceback)."""
+    from .export.sources import SourceError
+    from .ngram import CacheFileError
+
+    return ValueError, OSError, RuntimeError, SourceError, CacheFileError
+
+
+def _fail(message: str, code: int) -> int:
+    """Print `edgespec: error: MESSAGE` on stderr (argparse's form) and return `code`."""
+    print(f"edgespec: error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
 def main(argv=None) -> int:
-    """Entry point of the `edgespec` command."""
+    """Entry point of the `edgespec` command: bad options exit 2 (argparse), expected errors print one line
+    `edgespec: error: ...` and return 2, a missing optional dependency names its extra; EDGESPEC_DEBUG=1 re-raises."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args) or 0
     except KeyboardInterrupt:
         return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except ImportError as exc:
+        advice = missing_extra(exc)
+        if advice is None or os.environ.get("EDGESPEC_DEBUG"):
+            raise
+        return _fail(advice, 2)
+    except _expected_errors() as exc:
         if os.environ.get("EDGESPEC_DEBUG"):
             raise
-        _console().print(f"[bold red]error:[/] {exc}")
-        return 2
+        return _fail(str(exc) or type(exc).__name__, 2)
 
 
 if __name__ == "__main__":

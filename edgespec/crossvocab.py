@@ -38,7 +38,6 @@ character axis and translates the drafter's guesses into target tokens:
 from __future__ import annotations
 
 import bisect
-import os
 import time
 import unicodedata
 import warnings
@@ -49,7 +48,8 @@ import numpy as np
 
 from .drafting import DraftTree, Drafter, VerifiedStep
 from .model_drafter import AcceptanceByProbability, ForwardCost, PaysOff
-from .ngram import MAGIC, CacheFileError, NGramCacheWarning, read_cache_header, read_npz, write_cache_file
+from .ngram import (MAGIC, CacheFileError, NGramCacheWarning, check_cache_path, read_cache_header, read_npz,
+                    write_cache_file)
 from .runtimes.manifest import short_repr
 from .runtimes.runner import ContextOverflow, ModelRunner
 from .sampling import GenerationConfig
@@ -683,8 +683,9 @@ def _start_probs(d_ends: list[int], d_probs: list[float], t_ends: list[int]) -> 
 
 
 def open_cache(path, fingerprint: str, drafter_vocab: int, target_vocab: int) -> CrossVocabCache:
-    """The cache saved at `path` (a fresh one when missing; a broken file warns and starts fresh)."""
-    if path is None or not os.path.exists(path):
+    """The cache saved at `path` (a fresh one when missing; a broken file warns and starts fresh). A path that
+    exists but is not a regular file (a FIFO would block the reader forever) raises ValueError."""
+    if path is None or not check_cache_path(path, "cross-vocabulary cache"):
         return CrossVocabCache()
     try:
         return CrossVocabCache.load(path, fingerprint, drafter_vocab, target_vocab)

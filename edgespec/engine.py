@@ -943,7 +943,15 @@ def _drafter_entry(engine: Engine, name: str | None) -> ModelEntry:
 
 
 def _same_vocabulary(a: ModelEntry, b: ModelEntry) -> bool:
-    """True when two models' tokenizers map the same strings to the same ids."""
+    """True when two models' tokenizers map the same strings to the same ids (each file checked against the
+    tokenizer size cap before it is read)."""
+    from .text import check_tokenizer_file
+
+    for entry in (a, b):
+        try:
+            check_tokenizer_file(str(entry.tokenizer_path))
+        except ValueError as exc:
+            raise BundleError(f"model {entry.name!r}: {exc}") from None
     if a.tokenizer_path.read_bytes() == b.tokenizer_path.read_bytes():
         return True
     from tokenizers import Tokenizer as HFTokenizer
@@ -962,8 +970,10 @@ def load(bundle_dir: "str | os.PathLike", threads: int | None = None, max_contex
     `threads`: ONNX Runtime intra-op threads (default: the physical cores). `max_context`: tokens of context (default:
     the bundle's). Decoding is speculative with the n-gram drafter by default (exact: greedy output is the target's
     own greedy output); `drafter=None` gives plain decoding. `draft_budget` caps the draft tree's nodes per step.
-    `history`: where each prompt and output is logged for `edgespec adapt` (None: the default file under
-    $EDGESPEC_HISTORY_DIR, unless EDGESPEC_HISTORY=0; False: no logging; or a path).
+    `history`: whether and where each prompt and output is logged for `edgespec adapt` (clear text, file mode
+    0600): off by default. True: the default file under $EDGESPEC_HISTORY_DIR (~/.cache/edgespec/history); a path:
+    that file; False: never; None (the default): on only when the environment variable EDGESPEC_HISTORY is 1 / on /
+    true / yes.
     `device`: the device profile whose measured verification costs size the draft trees: None (costs measured as
     generation runs), "auto" (this device's profile for this bundle and thread count, measured quickly on first use
     and cached), a profile name (`edgespec profile --list`), a profile file, or a DeviceProfile. `tree`: how draft
@@ -1014,7 +1024,8 @@ def _resolve_profile(device, manifest: Manifest, entry: ModelEntry, threads: int
 
 
 def _session_log(history, bundle_root, target_name: str):
-    """The SessionLog for `history` (see `load`), or None when logging is off."""
+    """The SessionLog for `history` (see `load`), or None when logging is off: off unless `history` is True or a
+    path, or None with EDGESPEC_HISTORY set to an on value (`history_enabled`)."""
     from .history import SessionLog, default_history_path, history_enabled
 
     if history is False or (history is None and not history_enabled()):

@@ -235,17 +235,39 @@ def format_report(report: dict) -> str:
     ])
 
 
+MAX_CLIENTS = 1024  # one thread each
+MAX_REQUESTS = 100_000  # per client
+MAX_PID = 1 << 22  # Linux's PID_MAX_LIMIT
+MAX_TIMEOUT = 86_400.0  # seconds per request (a day)
+MAX_TEXT = 4096  # characters of --url, --api-key, --model
+
+
+def _json_target(text: str) -> str:
+    """An argparse type for --json: '-' (stdout) or a path where nothing is yet or a regular file."""
+    from .cliargs import new_or_regular_file
+
+    return text if text == "-" else new_or_regular_file(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The load test's options (shared by `edgespec serve-bench` and `python -m edgespec.loadtest`)."""
-    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (default http://127.0.0.1:8000)")
-    p.add_argument("--api-key", default=None, help="API key (also: EDGESPEC_API_KEY)")
-    p.add_argument("--model", default=None, help="model id (default: the server's first)")
-    p.add_argument("--clients", "-c", type=int, default=32, help="concurrent clients (default 32)")
-    p.add_argument("--requests", "-r", type=int, default=20, help="requests per client (default 20)")
-    p.add_argument("--max-tokens", type=int, default=32)
-    p.add_argument("--server-pid", type=int, default=None, help="server process id, for its peak RSS (VmHWM)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds per request")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the report as JSON ('-' = stdout)")
+    """The load test's options (shared by `edgespec serve-bench` and `python -m edgespec.loadtest`), each bounded."""
+    from .cliargs import MAX_TOKENS, bounded_float, bounded_int, bounded_text
+
+    p.add_argument("--url", type=bounded_text(MAX_TEXT), default="http://127.0.0.1:8000",
+                   help="the server (default http://127.0.0.1:8000)")
+    p.add_argument("--api-key", type=bounded_text(MAX_TEXT), default=None, help="API key (also: EDGESPEC_API_KEY)")
+    p.add_argument("--model", type=bounded_text(MAX_TEXT), default=None, help="model id (default: the server's first)")
+    p.add_argument("--clients", "-c", type=bounded_int(1, MAX_CLIENTS), default=32,
+                   help=f"concurrent clients, 1 to {MAX_CLIENTS} (default 32)")
+    p.add_argument("--requests", "-r", type=bounded_int(1, MAX_REQUESTS), default=20,
+                   help=f"requests per client, 1 to {MAX_REQUESTS} (default 20)")
+    p.add_argument("--max-tokens", type=bounded_int(1, MAX_TOKENS), default=32, help=f"1 to {MAX_TOKENS} (default 32)")
+    p.add_argument("--server-pid", type=bounded_int(1, MAX_PID), default=None,
+                   help="server process id, for its peak RSS (VmHWM)")
+    p.add_argument("--timeout", type=bounded_float(0.0, MAX_TIMEOUT, lo_open=True), default=300.0,
+                   help=f"seconds per request, over 0 and at most {MAX_TIMEOUT:g} (default 300)")
+    p.add_argument("--json", type=_json_target, default=None, metavar="PATH",
+                   help="write the report as JSON ('-' = stdout)")
 
 
 def run_from_args(args) -> int:

@@ -20,13 +20,18 @@ minimum share of the n-gram's continuations, per n, lax for the context and stri
 
 Cache files are `.npz` archives (loaded with allow_pickle=False) with a JSON header (magic, kind, version, max_n,
 vocab_size, tokenizer fingerprint, clock) and one row per n-gram key and per (key, next token) entry. Writes are
-atomic (temporary file in the same folder + os.replace). A corrupt, truncated, foreign or wrong-version file gives a
-`NGramCacheWarning` and an empty cache, never a crash and never a token outside the vocabulary.
+atomic (temporary file in the same folder + os.replace; temporary files over a minute old, left by a writer killed
+mid-write, are removed by the next write). A corrupt, truncated, foreign or wrong-version file gives a
+`NGramCacheWarning` and an empty cache, never a crash and never a token outside the vocabulary; a path that exists but
+is not a regular file (a FIFO would block the reader forever) raises ValueError.
+
+Loading is bounded: a file holds at most MAX_CACHE_ENTRIES n-grams and entries and MAX_CACHE_BYTES of arrays (checked
+before anything is read); a static tier stays as numpy arrays (`StaticTable`: about the file's size in memory, loaded
+in numpy time), and a persistent file is cut to the drafter's `persistent_cap` entries before its table is built.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import heapq
 import itertools
@@ -34,7 +39,7 @@ import json
 import math
 import os
 import re
-import tempfile
+import stat
 import warnings
 import zipfile
 from dataclasses import dataclass
@@ -42,7 +47,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .runtimes.manifest import short_repr
+from .runtimes.manifest import atomic_writer, short_repr
 from .drafting import Drafter, DraftTree, VerifiedStep, fast_top_k
 from .sampling import GenerationConfig
 from .text import common_prefix_length
@@ -273,6 +278,158 @@ class NGramTable:
         return table
 
 
+HASH_MASK = (1 << 64) - 1
+CONTINUATIONS_CACHED = 4096  # a StaticTable keeps this many looked-up Continuations (then starts afresh)
+LOOKUPS_CACHED = 16384  # and this many answers of `row_of`
+
+
+def key_hash(key: tuple[int, ...], width: int) -> int:
+    """`key_hashes` of one n-gram (as a Python int), for a table whose key rows are `width` tokens wide."""
+    h = len(key)
+    for col in range(width):
+        h = (h * 0x100000001B3 + (key[col] + 1 if col < len(key) else 0)) & HASH_MASK
+        h ^= h >> 29
+    return h
+
+
+def canonical_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Checked cache-file arrays as one row per distinct n-gram (`keys` [K, width], -1 padded, with `lengths`,
+    `totals` and `best` counts), its entries sorted by next token in `next`, `counts`, `stamps` from
+    `starts[k]` to `starts[k + 1]`; the rows are sorted by their `key_hashes`, held in `hashes`. Repeated n-grams
+    and entries are merged as `NGramTable.from_arrays` merges them (counts added, latest stamp, totals added);
+    n-grams without an entry are dropped."""
+    entry_key = arrays["entry_key"].astype(np.int64)
+    width = arrays["key_tokens"].shape[1]
+    if len(entry_key) == 0:
+        empty = np.zeros(0, np.int64)
+        return {"keys": np.zeros((0, width), np.int32), "lengths": empty, "totals": empty, "best": empty,
+                "starts": np.zeros(1, np.int64), "next": empty, "counts": empty, "stamps": empty,
+                "hashes": np.zeros(0, np.uint64)}
+    used = np.flatnonzero(np.bincount(entry_key, minlength=len(arrays["key_len"])))  # rows with an entry
+    rows, lengths = arrays["key_tokens"][used], arrays["key_len"][used].astype(np.int64)
+    row_hashes = key_hashes(rows, lengths)
+    by_hash = np.lexsort(tuple(rows[:, col] for col in reversed(range(width))) + (row_hashes,))
+    rows, lengths, row_hashes = rows[by_hash], lengths[by_hash], row_hashes[by_hash]
+    new_key = np.r_[True, np.any(rows[1:] != rows[:-1], axis=1)]  # equal rows are neighbours now
+    groups = np.flatnonzero(new_key)
+    keys, lengths, hashes = rows[groups], lengths[groups], row_hashes[groups]  # sorted by hash already
+    totals = np.add.reduceat(arrays["key_total"][used][by_hash].astype(np.int64), groups)
+    canonical = np.zeros(len(arrays["key_len"]), np.int64)
+    canonical[used[by_hash]] = np.cumsum(new_key) - 1
+    next_token = arrays["entry_next"].astype(np.int64)
+    pair = canonical[entry_key] * (int(next_token.max()) + 1) + next_token  # < 2**22 keys x 2**24 tokens
+    order = np.argsort(pair, kind="stable")
+    pair = pair[order]
+    first = np.flatnonzero(np.r_[True, pair[1:] != pair[:-1]])
+    counts = np.add.reduceat(arrays["entry_count"][order].astype(np.int64), first)
+    stamps = np.maximum.reduceat(arrays["entry_stamp"][order].astype(np.int64), first)
+    key_of, next_token = canonical[entry_key][order][first], next_token[order][first]
+    starts = np.searchsorted(key_of, np.arange(len(keys) + 1))
+    return {"keys": keys, "lengths": lengths, "totals": totals, "best": np.maximum.reduceat(counts, starts[:-1]),
+            "starts": starts, "next": next_token, "counts": counts, "stamps": stamps, "hashes": hashes}
+
+
+class StaticGrams:
+    """The `grams` of a StaticTable: `get(key)` as a dict's, answering from the arrays."""
+
+    def __init__(self, table: "StaticTable"):
+        self._table = table
+
+    def get(self, key: tuple[int, ...], default=None):
+        """The Continuations of n-gram `key`, or `default` when the table does not hold it."""
+        row = self._table.row_of(key)
+        return default if row is None else self._table.continuations(row)
+
+    def __contains__(self, key) -> bool:
+        return self._table.row_of(key) is not None
+
+    def __len__(self) -> int:
+        return len(self._table.arrays["lengths"])
+
+    def __iter__(self):
+        a = self._table.arrays
+        for row, length in enumerate(a["lengths"].tolist()):
+            yield tuple(a["keys"][row, :length].tolist())
+
+    def __getitem__(self, key):
+        found = self.get(key)
+        if found is None:
+            raise KeyError(key)
+        return found
+
+    def keys(self):
+        """Every n-gram the table holds (a generator: built one by one)."""
+        return iter(self)
+
+    def items(self):
+        """(n-gram, Continuations) of every n-gram the table holds, one by one."""
+        return ((key, self._table.continuations(row)) for row, key in enumerate(self))
+
+
+class StaticTable:
+    """A read-only n-gram table kept as numpy arrays (`canonical_arrays`): what a static cache file is loaded as.
+
+    It answers the lookups drafting makes of an NGramTable (`grams.get(key)` -> Continuations, `max_n`, `entries`)
+    with the same results, but holds about the file's bytes in memory and loads in numpy time, where an NGramTable
+    holds a tuple, a Continuations and a dict per n-gram (~1 kB each: a 79 MB cache took 3.7 s and 950 MB). A
+    lookup costs a hash, a binary search and, on a hit, building the n-gram's Continuations (the latest
+    CONTINUATIONS_CACHED are kept)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray], max_n: int):
+        self.max_n = max_n
+        self.arrays = canonical_arrays(arrays)
+        self.width = self.arrays["keys"].shape[1]
+        self.entries = int(len(self.arrays["next"]))
+        self.grams = StaticGrams(self)
+        self._cache: dict[int, Continuations] = {}
+        self._rows: dict[tuple[int, ...], int | None] = {}
+        self._hashes, self._keys, self._lengths = self.arrays["hashes"], self.arrays["keys"], self.arrays["lengths"]
+        self._longest = min(self.max_n, self.width) if len(self._hashes) else 0
+
+    def __len__(self) -> int:
+        return self.entries
+
+    def row_of(self, key: tuple[int, ...]) -> int | None:
+        """The row of n-gram `key`, or None (the latest LOOKUPS_CACHED answers are kept: drafting asks for the same
+        tails again and again)."""
+        known = self._rows.get(key, -1)
+        if known != -1:
+            return known
+        row = self._search(key)
+        if len(self._rows) >= LOOKUPS_CACHED:
+            self._rows.clear()
+        self._rows[key] = row
+        return row
+
+    def _search(self, key: tuple[int, ...]) -> int | None:
+        """`row_of` without the cache: a binary search of the key's hash, then the rows of that hash compared."""
+        if not 1 <= len(key) <= self._longest:
+            return None
+        hashes = self._hashes
+        h = key_hash(key, self.width)
+        i = int(hashes.searchsorted(np.uint64(h)))  # (a Python int would be compared as a float)
+        while i < len(hashes) and int(hashes[i]) == h:
+            if self._lengths[i] == len(key) and tuple(self._keys[i, :len(key)].tolist()) == key:
+                return i
+            i += 1
+        return None
+
+    def continuations(self, row: int) -> Continuations:
+        """The Continuations of a row (packed entries as NGramTable holds them)."""
+        conts = self._cache.get(row)
+        if conts is None:
+            a = self.arrays
+            start, end = int(a["starts"][row]), int(a["starts"][row + 1])
+            conts = Continuations()
+            conts.total, conts.best = int(a["totals"][row]), int(a["best"][row])
+            conts.next = {token: pack_entry(count, stamp) for token, count, stamp in zip(
+                a["next"][start:end].tolist(), a["counts"][start:end].tolist(), a["stamps"][start:end].tolist())}
+            if len(self._cache) >= CONTINUATIONS_CACHED:
+                self._cache.clear()
+            self._cache[row] = conts
+        return conts
+
+
 def ngram_keys(tokens, start: int, max_n: int) -> set[tuple[int, ...]]:
     """The n-grams (n = 1..max_n) that `NGramTable.add_tokens(tokens, start)` counts a continuation of."""
     return {tuple(tokens[i - n:i]) for i in range(max(start, 1), len(tokens)) for n in range(1, min(max_n, i) + 1)}
@@ -459,8 +616,16 @@ class CacheFileError(Exception):
 
 
 def tokenizer_fingerprint(path: str | os.PathLike) -> str:
-    """Short hex sha256 of a tokenizer.json's bytes: caches built with another tokenizer are refused."""
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+    """Short hex sha256 of a tokenizer.json's bytes: caches built with another tokenizer are refused. The file is
+    checked first (a regular file of at most MAX_TOKENIZER_BYTES, else ValueError) and hashed in 1 MiB pieces."""
+    from .text import check_tokenizer_file
+
+    check_tokenizer_file(os.fspath(path))
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def default_cache_path(cache_root: str | os.PathLike, bundle_name: str, fingerprint: str) -> Path:
@@ -479,21 +644,12 @@ def make_header(kind: str, max_n: int, vocab_size: int, fingerprint: str, clock:
 
 def write_cache_file(path: str | os.PathLike, header: dict, arrays: dict[str, np.ndarray]) -> None:
     """Write a cache file atomically: a temporary file in the same folder, then os.replace (the old file stays
-    intact if anything fails, and no temporary file is left behind)."""
+    intact if anything fails, and no temporary file is left behind; stale ones of killed writers are removed)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            header_bytes = np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)
-            np.savez(f, header=header_bytes, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_writer(path, prefix=f".{path.name}.") as f:  # (also removes stale temporary files of this cache)
+        header_bytes = np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)
+        np.savez(f, header=header_bytes, **arrays)
 
 
 def check_arrays(arrays: dict[str, np.ndarray], max_n: int, vocab_size: int) -> None:
@@ -555,7 +711,14 @@ def read_npz(path: str | os.PathLike, max_bytes: int = MAX_CACHE_BYTES,
     from numpy.lib import format as npy_format
 
     try:
-        with zipfile.ZipFile(path) as archive:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise CacheFileError(f"it cannot be opened ({exc})") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise CacheFileError("it is not a regular file (a FIFO, device or folder)")
+    try:
+        with os.fdopen(fd, "rb") as raw, zipfile.ZipFile(raw) as archive:
             infos = archive.infolist()
             if len(infos) > max_members:
                 raise CacheFileError(f"it holds {len(infos)} members (at most {max_members})")
@@ -642,11 +805,26 @@ def read_cache_file(path: str | os.PathLike, kinds: tuple[str, ...], vocab_size:
     return header, arrays
 
 
+def check_cache_path(path, what: str = "n-gram cache") -> bool:
+    """True when `path` is a regular file, False when nothing is there; ValueError naming it when it is something
+    else (a FIFO, which would block a reader forever, a device or a folder) or cannot be looked up."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what} path {path} cannot be examined: {exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{what} path {path} is not a regular file (a FIFO, device or folder): refused")
+    return True
+
+
 def load_cache(path, kinds: tuple[str, ...], max_n: int, vocab_size: int,
                fingerprint: str) -> tuple[dict, dict[str, np.ndarray]] | None:
     """(header, arrays fitted to `max_n`) of a cache file; None when the file does not exist. A file that cannot be
-    used gives an NGramCacheWarning naming the reason, and ({}, empty arrays)."""
-    if not os.path.exists(path):
+    used gives an NGramCacheWarning naming the reason, and ({}, empty arrays). A path that exists but is not a
+    regular file raises ValueError (`check_cache_path`)."""
+    if not check_cache_path(path):
         return None
     try:
         header, arrays = read_cache_file(path, kinds, vocab_size, fingerprint)
@@ -773,17 +951,26 @@ def cmd_ngram_build(args) -> int:
     return 0
 
 
+MAX_BUILD_FILES = 10_000  # text files of one `edgespec ngram build`
+MAX_FILE_N = 64  # the largest max_n a cache file may hold (read_cache_header)
+
+
 def register_cli(subparsers) -> None:
     """Add the `ngram` command (subcommand `build`) to an argparse subparsers object."""
+    from .cliargs import at_most, bounded_int, new_or_regular_file
+
     parser = subparsers.add_parser("ngram", help="n-gram draft caches")
     commands = parser.add_subparsers(dest="ngram_command", required=True)
     build = commands.add_parser("build", help="build a static n-gram cache from text files with a bundle's tokenizer")
-    build.add_argument("files", nargs="+", help="UTF-8 text files")
-    build.add_argument("-o", "--output", required=True, help="cache file to write (.npz)")
+    build.add_argument("files", nargs="+", type=new_or_regular_file, action=at_most(MAX_BUILD_FILES),
+                       help=f"UTF-8 text files (regular files, at most {MAX_BUILD_FILES})")
+    build.add_argument("-o", "--output", type=new_or_regular_file, required=True, help="cache file to write (.npz)")
     build.add_argument("--bundle", "-b", required=True, help="bundle whose target tokenizer is used")
-    build.add_argument("--max-n", type=int, default=DEFAULT_MAX_N, help="longest n-gram (default %(default)s)")
-    build.add_argument("--max-entries", type=int, default=DEFAULT_STATIC_CAP,
-                       help="keep the most frequent (n-gram, next) pairs (default %(default)s)")
+    build.add_argument("--max-n", type=bounded_int(1, MAX_FILE_N), default=DEFAULT_MAX_N,
+                       help=f"longest n-gram, 1 to {MAX_FILE_N} (default %(default)s)")
+    build.add_argument("--max-entries", type=bounded_int(0, MAX_CACHE_ENTRIES), default=DEFAULT_STATIC_CAP,
+                       help=f"keep the most frequent (n-gram, next) pairs, 0 to {MAX_CACHE_ENTRIES} "
+                            f"(default %(default)s)")
     build.set_defaults(func=cmd_ngram_build)
 
 
@@ -842,12 +1029,12 @@ class NGramDrafter(Drafter):
         self._session_clock = 0
         self._last_finished: list[int] = []  # already counted in the session and persistent tiers
 
-        self.static_table: NGramTable | None = None
+        self.static_table: NGramTable | StaticTable | None = None
         if static_path is not None:
             loaded = load_cache(static_path, ("static", "persistent"), max_n, self.vocab_size, fingerprint)
             if loaded is None:
                 raise FileNotFoundError(f"static n-gram cache not found: {static_path}")
-            self.static_table = NGramTable.from_arrays(loaded[1], max_n)
+            self.static_table = StaticTable(loaded[1], max_n)
 
         self.persistent_path = Path(persistent_path) if persistent_path is not None else None
         self.persistent_table: NGramTable | None = None
@@ -872,14 +1059,17 @@ class NGramDrafter(Drafter):
         loaded = load_cache(self.persistent_path, ("persistent", "static"), self.max_n, self.vocab_size,
                             self.fingerprint)
         header, arrays = loaded if loaded is not None else ({}, empty_arrays(self.max_n))
-        table = NGramTable.from_arrays(arrays, self.max_n)
         if header.get("kind") == "static":
             warnings.warn(f"n-gram cache {self.persistent_path} is a static cache, not a persistent one: it is used "
                           f"read-only and never overwritten", NGramCacheWarning, stacklevel=3)
             if self.static_table is None:
-                self.static_table = table
+                self.static_table = StaticTable(arrays, self.max_n)
             self.persistent_path = None
             return
+        # the next save keeps persistent_cap entries: drop the rest now, before a Python table is built of them
+        arrays = drop_entries(arrays, entries_to_evict(arrays["entry_count"], arrays["entry_stamp"],
+                                                       self.persistent_cap))
+        table = NGramTable.from_arrays(arrays, self.max_n)
         if table.entries != len(arrays["entry_key"]):  # the file repeated entries: save what the table holds
             arrays = table.to_arrays()
         self.persistent_table, self._persistent_arrays = table, arrays

@@ -91,6 +91,9 @@ class GenerationConfig:
             raise ValueError(f"stop must be a sequence of strings, got {self.stop!r}")
         if any(s == "" for s in self.stop):
             raise ValueError("stop strings must be non-empty")
+        from .text import check_stop_strings
+
+        check_stop_strings(self.stop)  # at most MAX_STOP_STRINGS of at most MAX_STOP_CHARS characters
         if self.eos_token_ids is not None:
             if not isinstance(self.eos_token_ids, tuple) or not all(
                 is_int(t) and t >= 0 for t in self.eos_token_ids

@@ -1,15 +1,22 @@
 """`edgespec serve`: an OpenAI-compatible HTTP server for one engine (Starlette + uvicorn).
 
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with
-`stream: true` as server-sent events). See docs/server.md for the fields, the errors and the `edgespec` extension
-field that carries the speculation statistics.
+`stream: true` as server-sent events). See docs/server.md for the fields, the errors, the limits, what is stored
+where, and the `edgespec` extension field that carries the speculation statistics.
 
 Concurrency: the engine runs one generation at a time, so every request becomes a `Job` in a bounded asyncio queue;
 one dispatcher task hands the jobs, one at a time, to ONE worker thread that owns the engine (it alone calls the
-engine). A full queue answers 429 at once. The worker runs `engine.stream(..., cancel=flag)` with the job's cancel
-flag: a client that goes away (or a request over its time limit) sets it, and the engine stops before its next
-prefill chunk or step (the worker also closes the stream between pieces); a queued job whose client went away is
-skipped.
+engine). A request takes a queue slot before its body is read, so a full queue answers 429 at once, unread. The
+worker runs `engine.stream(..., cancel=flag)` with the job's cancel flag: a client that goes away (or a request over
+its time limit) sets it, and the engine stops before its next prefill chunk or step (the worker also closes the
+stream between pieces); a queued job whose client went away is skipped. Whatever one request raises (a tokenizer's
+Rust panic is a BaseException) is that request's 500: the dispatcher and the worker carry on, and `/health` says
+"failed" (503) if the dispatcher ever stops.
+
+Privacy: by default nothing a client sends is kept for another. The engine's state that speeds up a later request
+(the cached prompt prefix, the n-gram drafter's context, session and recycling tiers) belongs to one client at a
+time and is wiped when the next request comes from another client (or from an unidentified one); the persistent
+n-gram cache is refused unless `shared_cache=True` (`--shared-cache`).
 
 Starlette and uvicorn are imported inside the functions that need them, so `import edgespec` (and the CLI, which
 registers the `serve` command from here) works without them: `pip install 'edgespec[serve]'`.
@@ -17,38 +24,59 @@ registers the `serve` command from here) works without them: `pip install 'edges
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import hmac
+import ipaddress
 import json
 import logging
 import math
 import os
+import re
+import stat
 import threading
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from .runtimes.manifest import is_finite_number, is_int
 from .runtimes.runner import ContextOverflow
 from .sampling import GenerationConfig
+from .text import MAX_STOP_CHARS  # characters per stop string: the library's own limit (1,000)
 
-__all__ = ["APIError", "Job", "Service", "create_app", "serve", "register_cli", "run_job", "persist_caches"]
+__all__ = ["APIError", "Job", "Service", "create_app", "serve", "register_cli", "run_job", "persist_caches",
+           "parse_request", "parse_json_body", "read_api_keys", "forget_earlier_requests"]
 
 logger = logging.getLogger("edgespec.server")
 
+# ---- limits: every field a client sends is bounded (docs/server.md, "Limits") -----------------------------------
 MAX_BODY_BYTES = 4 * 1024 * 1024  # larger request bodies get 413
+MAX_JSON_VALUES = 1 << 17  # objects, arrays, strings, numbers... in one body (each costs ~50-200 bytes parsed)
+MAX_MESSAGES = 1024  # chat messages per request
+MAX_CONTENT_PARTS = 256  # text parts of one message's content
+MAX_TEXT_CHARS = 1 << 20  # characters: one message's content, all messages' content together, a prompt string
+PROMPT_CHARS_PER_TOKEN = 16  # ... and at most this many per token of the engine's context (`text_limit`): the
+# tokenizer needs ~330 bytes per token, so a prompt that cannot fit is refused before it is tokenized
+MAX_PROMPT_IDS = 1 << 16  # token ids of a token-id prompt
+MAX_STOP_STRINGS = 4  # as OpenAI
+MAX_NAME_CHARS = 256  # a message's `name`, the request's `user`
+BODY_TIMEOUT = 30.0  # seconds to receive a whole request body (then 408 and the connection is closed)
+MAX_CONNECTIONS = 128  # concurrent connections and requests (uvicorn's limit_concurrency: over it, 503)
+MAX_KEY_FILE_BYTES = 64 * 1024  # --api-key-file
+MAX_API_KEYS = 1024
 DEFAULT_COMPLETION_TOKENS = 16  # OpenAI's default max_tokens for /v1/completions
 CANCEL_WAIT_SECONDS = 10.0  # at shutdown: how long a cancelled in-flight generation may take to stop
 ROLES = ("system", "developer", "user", "assistant", "tool")
-MAX_STOP_STRINGS = 4  # as OpenAI
 # fields that would change the output in ways this server cannot honour: 400 unless they hold a neutral value
 UNSUPPORTED = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
     "best_of": (None, 1), "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
     "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
 }
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 
 
 # ---- errors ----------------------------------------------------------------------------------------------------
@@ -75,6 +103,29 @@ def invalid(param: str | None, message: str, code: str | None = "invalid_value")
     return APIError(400, message, "invalid_request_error", param, code)
 
 
+def too_long(param: str, what: str, size: int, limit: int, unit: str = "characters") -> APIError:
+    """400 for a string over its limit (OpenAI's code `string_above_max_length`)."""
+    return invalid(param, f"{what} has {size} {unit}; this server allows at most {limit}", "string_above_max_length")
+
+
+def too_many(param: str, what: str, count: int, limit: int) -> APIError:
+    """400 for an array over its limit (OpenAI's code `array_above_max_length`)."""
+    return invalid(param, f"{what} holds {count} items; this server allows at most {limit}", "array_above_max_length")
+
+
+def shown(value, limit: int = 60) -> str:
+    """A short printable form of a client's value for an error message (never echoes a huge input back)."""
+    if isinstance(value, str):
+        text = repr(value[:limit])
+        return text if len(value) <= limit else f"{text[:-1]}...' ({len(value)} characters)"
+    if isinstance(value, list):
+        return f"an array of {len(value)} items"
+    if isinstance(value, dict):
+        return f"an object of {len(value)} keys"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
 class ClientGone(Exception):
     """The client disconnected before its answer was ready."""
 
@@ -90,6 +141,7 @@ class CompletionRequest:
     options: dict  # GenerationConfig fields
     stream: bool = False
     include_usage: bool = False
+    user: str | None = None  # OpenAI's `user`: a client-declared identity (see `client_identity`)
 
 
 def json_type(value) -> str:
@@ -108,20 +160,25 @@ def json_type(value) -> str:
 
 
 def parse_request(body: dict, kind: str, model_id: str, max_tokens_limit: int | None,
-                  default_max_tokens: int) -> CompletionRequest:
-    """Check a request body and turn it into a CompletionRequest; raises APIError (400/404) naming the field."""
+                  default_max_tokens: int, max_text_chars: int = MAX_TEXT_CHARS) -> CompletionRequest:
+    """Check a request body and turn it into a CompletionRequest; raises APIError (400/404) naming the field.
+    Every field is bounded (MAX_MESSAGES, `max_text_chars` characters of text, MAX_PROMPT_IDS, MAX_STOP_STRINGS,
+    MAX_STOP_CHARS...)."""
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {json_type(body)}",
+                       "invalid_request_error", None, "invalid_json")
     check_model(body.get("model"), model_id)
     check_unsupported(body)
     stream = optional_bool(body, "stream", False)
     include_usage = stream_options(body.get("stream_options"), stream)
     n = body.get("n")
     if n is not None and (not is_int(n) or n != 1):
-        raise invalid("n", f"only n=1 is supported, got {n!r}")
+        raise invalid("n", f"only n=1 is supported, got {shown(n)}")
     if kind == "chat":
-        messages, prompt = parse_messages(body.get("messages")), None
+        messages, prompt = parse_messages(body.get("messages"), max_text_chars), None
         names = ("max_completion_tokens", "max_tokens")
     else:
-        messages, prompt = None, parse_prompt(body.get("prompt"))
+        messages, prompt = None, parse_prompt(body.get("prompt"), max_text_chars)
         names = ("max_tokens",)
     options = {
         "max_new_tokens": max_tokens(body, names, max_tokens_limit, default_max_tokens),
@@ -136,7 +193,7 @@ def parse_request(body: dict, kind: str, model_id: str, max_tokens_limit: int | 
         GenerationConfig(**options).validate()
     except ValueError as exc:  # a combination the checks above let through
         raise invalid(None, str(exc)) from None
-    return CompletionRequest(kind, prompt, messages, options, stream, include_usage)
+    return CompletionRequest(kind, prompt, messages, options, stream, include_usage, user_field(body.get("user")))
 
 
 def check_model(model, model_id: str) -> None:
@@ -146,7 +203,7 @@ def check_model(model, model_id: str) -> None:
     if not isinstance(model, str):
         raise invalid("model", f"'model' must be a string, got {json_type(model)}")
     if model != model_id:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {model_id!r}",
+        raise APIError(404, f"the model {shown(model)} does not exist; this server serves {model_id!r}",
                        "invalid_request_error", "model", "model_not_found")
 
 
@@ -198,9 +255,9 @@ def max_tokens(body: dict, names: tuple[str, ...], limit: int | None, default: i
         if not is_int(value):
             raise invalid(name, f"'{name}' must be an integer, got {json_type(value)}")
         if value < 1:
-            raise invalid(name, f"'{name}' must be at least 1, got {value}")
+            raise invalid(name, f"'{name}' must be at least 1, got {shown(value)}")
         if limit is not None and value > limit:
-            raise invalid(name, f"'{name}' is {value}; this server allows at most {limit}")
+            raise invalid(name, f"'{name}' is {shown(value)}; this server allows at most {limit}")
         return value
     return default
 
@@ -210,7 +267,7 @@ def temperature(value) -> float:
     if value is None:
         return 0.0
     if not is_finite_number(value) or not 0 <= value <= 2:
-        raise invalid("temperature", f"'temperature' must be a number from 0 to 2, got {value!r}")
+        raise invalid("temperature", f"'temperature' must be a number from 0 to 2, got {shown(value)}")
     return float(value)
 
 
@@ -219,7 +276,7 @@ def top_p(value) -> float:
     if value is None:
         return 1.0
     if not is_finite_number(value) or not 0 < value <= 1:
-        raise invalid("top_p", f"'top_p' must be a number in (0, 1], got {value!r}")
+        raise invalid("top_p", f"'top_p' must be a number in (0, 1], got {shown(value)}")
     return float(value)
 
 
@@ -228,7 +285,7 @@ def top_k(value) -> int:
     if value is None or value == -1:
         return 0
     if not is_int(value) or value < 0:
-        raise invalid("top_k", f"'top_k' must be an integer >= 0 (or -1 = off), got {value!r}")
+        raise invalid("top_k", f"'top_k' must be an integer >= 0 (or -1 = off), got {shown(value)}")
     return value
 
 
@@ -237,35 +294,58 @@ def seed(value) -> int | None:
     if value is None:
         return None
     if not is_int(value) or value < 0:
-        raise invalid("seed", f"'seed' must be an integer >= 0, got {value!r}")
+        raise invalid("seed", f"'seed' must be an integer >= 0, got {shown(value)}")
     return value
 
 
 def stop_strings(value) -> tuple[str, ...]:
-    """`stop`: a string or a list of up to 4 non-empty strings."""
+    """`stop`: a string or a list of up to MAX_STOP_STRINGS non-empty strings of at most MAX_STOP_CHARS each."""
     if value is None:
         return ()
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not all(isinstance(s, str) for s in items):
         raise invalid("stop", f"'stop' must be a string or a list of strings, got {json_type(value)}")
     if len(items) > MAX_STOP_STRINGS:
-        raise invalid("stop", f"'stop' holds at most {MAX_STOP_STRINGS} strings, got {len(items)}")
+        raise invalid("stop", f"'stop' holds at most {MAX_STOP_STRINGS} strings, got {len(items)}",
+                      "array_above_max_length")
     if any(not s for s in items):
         raise invalid("stop", "stop strings must be non-empty")
+    for s in items:
+        if len(s) > MAX_STOP_CHARS:
+            raise too_long("stop", "a stop string", len(s), MAX_STOP_CHARS)
     return tuple(items)
 
 
-def parse_messages(messages) -> list[dict]:
-    """Chat messages -> [{role, content}] with text content (content parts of type "text" are joined)."""
+def user_field(value) -> str | None:
+    """OpenAI's `user` (an end-user id): a string of at most MAX_NAME_CHARS, or null."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise invalid("user", f"'user' must be a string, got {json_type(value)}")
+    if len(value) > MAX_NAME_CHARS:
+        raise too_long("user", "'user'", len(value), MAX_NAME_CHARS)
+    return value
+
+
+def parse_messages(messages, max_chars: int = MAX_TEXT_CHARS) -> list[dict]:
+    """Chat messages -> [{role, content}] with text content (content parts of type "text" are joined). At most
+    MAX_MESSAGES messages and `max_chars` characters of content in all."""
     if messages is None:
         raise invalid("messages", "you must provide 'messages'", "missing_required_parameter")
     if not isinstance(messages, list) or not messages:
         raise invalid("messages", "'messages' must be a non-empty array of {role, content} objects")
-    return [parse_message(i, m) for i, m in enumerate(messages)]
+    if len(messages) > MAX_MESSAGES:
+        raise too_many("messages", "'messages'", len(messages), MAX_MESSAGES)
+    parsed = [parse_message(i, m, max_chars) for i, m in enumerate(messages)]
+    total = sum(len(m["content"]) for m in parsed)
+    if total > max_chars:
+        raise too_long("messages", "the content of all messages together", total, max_chars)
+    return parsed
 
 
-def parse_message(i: int, message) -> dict:
-    """One chat message: a known role and text content. A `developer` message is rendered as `system`."""
+def parse_message(i: int, message, max_chars: int = MAX_TEXT_CHARS) -> dict:
+    """One chat message: a known role and text content (at most `max_chars` characters, MAX_CONTENT_PARTS parts).
+    A `developer` message is rendered as `system`."""
     where = f"messages[{i}]"
     if not isinstance(message, dict):
         raise invalid(where, f"{where} must be an object, got {json_type(message)}")
@@ -273,18 +353,25 @@ def parse_message(i: int, message) -> dict:
     if not isinstance(role, str):
         raise invalid(f"{where}.role", f"{where}.role must be a string, got {json_type(role)}")
     if role not in ROLES:
-        raise invalid(f"{where}.role", f"{where}.role {role!r} is not one of {', '.join(ROLES)}")
+        raise invalid(f"{where}.role", f"{where}.role {shown(role)} is not one of {', '.join(ROLES)}")
     content = message.get("content")
     if content is None and role == "assistant":
         content = ""
     elif isinstance(content, list):
+        if len(content) > MAX_CONTENT_PARTS:
+            raise too_many(f"{where}.content", f"{where}.content", len(content), MAX_CONTENT_PARTS)
         content = "".join(text_part(f"{where}.content[{j}]", part) for j, part in enumerate(content))
     elif not isinstance(content, str):
         raise invalid(f"{where}.content", f"{where}.content must be a string or an array of text parts, got "
                                           f"{json_type(content)}")
+    if len(content) > max_chars:
+        raise too_long(f"{where}.content", f"{where}.content", len(content), max_chars)
     out = {"role": "system" if role == "developer" else role, "content": content}
-    if isinstance(message.get("name"), str):
-        out["name"] = message["name"]
+    name = message.get("name")
+    if isinstance(name, str):
+        if len(name) > MAX_NAME_CHARS:
+            raise too_long(f"{where}.name", f"{where}.name", len(name), MAX_NAME_CHARS)
+        out["name"] = name
     return out
 
 
@@ -295,18 +382,85 @@ def text_part(where: str, part) -> str:
     return part["text"]
 
 
-def parse_prompt(prompt) -> str | list[int]:
-    """A completions prompt: a string, a list of token ids, or a one-element list of either."""
+def parse_prompt(prompt, max_chars: int = MAX_TEXT_CHARS) -> str | list[int]:
+    """A completions prompt: a string (at most `max_chars` characters), a list of token ids (at most
+    MAX_PROMPT_IDS), or a one-element list of either."""
     if prompt is None:
         raise invalid("prompt", "you must provide a 'prompt'", "missing_required_parameter")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
+        if len(prompt) > max_chars:
+            raise too_long("prompt", "'prompt'", len(prompt), max_chars)
         return prompt
+    if isinstance(prompt, list) and len(prompt) > MAX_PROMPT_IDS:
+        raise too_many("prompt", "the token-id 'prompt'", len(prompt), MAX_PROMPT_IDS)
     if isinstance(prompt, list) and prompt and all(is_int(t) for t in prompt):
         return list(prompt)
     raise invalid("prompt", "'prompt' must be a string or a non-empty list of token ids (batches of more than one "
                             "prompt are not supported)")
+
+
+# ---- the JSON body (pure: bytes -> dict) ------------------------------------------------------------------------
+# a JSON string, possibly unterminated (then it runs to the end: the scan stays linear on any input)
+_JSON_STRING = re.compile(rb'"(?:[^"\\]++|\\.?)*+(?:"|\Z)', re.DOTALL)
+
+
+def json_value_count(raw: "bytes | bytearray") -> int:
+    """An upper bound of the values (objects, arrays, strings, numbers, literals) in the JSON text `raw`, without
+    parsing it: one more than its commas, opening brackets and colons outside strings. Linear time; the strings are
+    blanked only when the plain count (which counts them too) is over MAX_JSON_VALUES."""
+    def count(text: bytes) -> int:
+        return text.count(b",") + text.count(b"[") + text.count(b"{") + text.count(b":") + 1
+
+    plain = count(raw)
+    if plain <= MAX_JSON_VALUES:
+        return plain
+    return count(_JSON_STRING.sub(b'""', raw))
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_body(raw: "bytes | bytearray", max_bytes: int = MAX_BODY_BYTES,
+                    max_values: int = MAX_JSON_VALUES) -> dict:
+    """A request body -> a JSON object. 413 over `max_bytes`; 400 (`invalid_json`) when it is not JSON (NaN and
+    Infinity included), nests too deeply, or is not an object; 400 (`too_many_values`) over `max_values` values,
+    checked before parsing: parsed JSON costs up to ~25x its text (4 MiB of `{}` is 100 MB of dicts)."""
+    if len(raw) > max_bytes:
+        raise body_too_large(max_bytes)
+    values = json_value_count(raw)
+    if values > max_values:
+        raise APIError(400, f"the JSON body holds about {values} values; this server allows at most {max_values}",
+                       "invalid_request_error", None, "too_many_values")
+    try:
+        body = json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise APIError(400, "could not parse the JSON body of the request: it nests too deeply",
+                       "invalid_request_error", None, "invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise APIError(400, f"could not parse the JSON body of the request: {str(exc)[:200]}",
+                       "invalid_request_error", None, "invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {json_type(body)}",
+                       "invalid_request_error", None, "invalid_json")
+    return body
+
+
+def body_too_large(max_bytes: int) -> APIError:
+    """413: the body is over the limit."""
+    return APIError(413, f"request body too large (over {max_bytes} bytes)", "invalid_request_error", None,
+                    "request_too_large")
+
+
+def check_json_content_type(content_type: str | None) -> None:
+    """415 unless the body is declared JSON (`application/json` or `*+json`): a browser can send a cross-site
+    `text/plain` or form POST without asking the server first, never an `application/json` one."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+        raise APIError(415, f"the request body must be sent as 'Content-Type: application/json', got "
+                            f"{shown(content_type or '')}", "invalid_request_error", None, "unsupported_media_type")
 
 
 # ---- response shapes -------------------------------------------------------------------------------------------
@@ -395,12 +549,27 @@ def sse(payload: dict | str) -> str:
 
 
 # ---- the engine thread -------------------------------------------------------------------------------------------
+class Ticket:
+    """A queue slot, taken before a request's body is read and given back once the dispatcher takes its job (or
+    the request ends before it is queued). Releasing twice is harmless."""
+
+    def __init__(self, service: "Service"):
+        self.service, self.held = service, True
+
+    def release(self) -> None:
+        """Give the slot back."""
+        if self.held:
+            self.held = False
+            self.service.waiting -= 1
+
+
 @dataclass
 class Job:
     """One request's work for the engine thread, and the asyncio queue its events come back on.
 
     Events: ("start", None) once the prompt is accepted (streaming), ("piece", text) (streaming), ("done", (text,
-    GenerationResult)) and ("error", APIError)."""
+    GenerationResult)) and ("error", APIError). `client` is who the request's cached state belongs to (see
+    `client_identity`; None: nobody, it is never reused)."""
 
     request: CompletionRequest
     loop: asyncio.AbstractEventLoop
@@ -408,6 +577,9 @@ class Job:
     enqueued: float = field(default_factory=time.monotonic)
     started: float | None = None
     cancel_error: APIError | None = None  # answered when the server (not the client) cancelled the job
+    client: str | None = None
+    ticket: Ticket | None = None
+    answered: bool = False  # a "done" or "error" event was posted
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -428,34 +600,49 @@ class Job:
 
     def post(self, kind: str, value=None) -> None:
         """Send an event to the request handler (thread-safe)."""
+        if kind in ("done", "error"):
+            self.answered = True
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is closed: nobody is listening
             pass
 
 
-def run_job(engine, job: Job) -> None:
-    """Run one job on the engine thread: open the engine's stream, pass the pieces on (or collect them), stop early
-    when the job is cancelled (closing the generator stops generation cleanly), and post the result."""
+def engine_failure(exc: BaseException, what: str = "generation failed") -> APIError:
+    """500 naming the exception (any BaseException: a tokenizer's Rust panic is one)."""
+    return APIError(500, f"{what}: {type(exc).__name__}: {str(exc)[:500]}", "server_error")
+
+
+def run_job(engine, job: Job, isolate: bool = False) -> None:
+    """Run one job on the engine thread: wipe what earlier requests left in the engine when `isolate` (another
+    client's state), open the engine's stream, pass the pieces on (or collect them), stop early when the job is
+    cancelled (closing the generator stops generation cleanly), and post the result. Never raises: whatever the
+    engine raises, BaseException included, becomes the job's 500 and the worker thread carries on."""
     if job.cancelled:
         return
     job.started = time.monotonic()
     try:
+        if isolate:
+            forget_earlier_requests(engine)
         generator = open_stream(engine, job.request, cancel=job._cancelled)
     except APIError as exc:
         job.post("error", exc)
+        return
+    except BaseException as exc:  # noqa: BLE001  (a panic in the tokenizer, a failed wipe...)
+        logger.error("could not start a generation: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        job.post("error", engine_failure(exc, "could not start the generation"))
         return
     if job.request.stream:
         job.post("start")
     pieces: list[str] = []
     try:
         result = drain(generator, job, pieces)
-    except Exception as exc:  # an engine failure mid-generation: 500, the server stays up
-        logger.exception("generation failed")
-        job.post("error", APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error"))
+    except BaseException as exc:  # noqa: BLE001  an engine failure mid-generation: 500, the server stays up
+        logger.error("generation failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        job.post("error", engine_failure(exc))
         return
     finally:
-        generator.close()
+        close_quietly(generator)
     if result is None or job.cancelled:  # cancelled (the engine may have stopped on the flag first)
         if job.cancel_error is not None:
             job.post("error", job.cancel_error)
@@ -463,9 +650,18 @@ def run_job(engine, job: Job) -> None:
     job.post("done", ("".join(pieces), result))
 
 
+def close_quietly(generator) -> None:
+    """Close the engine's stream; a failure while closing is logged, never raised (the job is answered already)."""
+    try:
+        generator.close()
+    except BaseException as exc:  # noqa: BLE001
+        logger.error("closing a generation failed: %s: %s", type(exc).__name__, exc)
+
+
 def open_stream(engine, request: CompletionRequest, cancel: threading.Event | None = None):
-    """`engine.stream(...)` for the request (chat: the model's template first); bad prompts raise APIError 400.
-    `cancel` stops the generation once set, also during the prompt's prefill."""
+    """`engine.stream(...)` for the request (chat: the model's template first); bad prompts raise APIError 400,
+    anything else (BaseException included) APIError 500. `cancel` stops the generation once set, also during the
+    prompt's prefill."""
     param = "messages" if request.kind == "chat" else "prompt"
     try:
         prompt = engine.render_chat(request.messages) if request.kind == "chat" else request.prompt
@@ -474,10 +670,10 @@ def open_stream(engine, request: CompletionRequest, cancel: threading.Event | No
         message = str(exc).split(" (pass truncate_prompt")[0]
         raise APIError(400, message, "invalid_request_error", param, "context_length_exceeded") from None
     except (ValueError, TypeError) as exc:
-        raise invalid(param, str(exc)) from None
-    except Exception as exc:
-        logger.exception("could not start a generation")
-        raise APIError(500, f"generation failed: {type(exc).__name__}: {exc}", "server_error") from None
+        raise invalid(param, str(exc)[:500]) from None
+    except BaseException as exc:  # noqa: BLE001  a tokenizer panic is a BaseException
+        logger.error("could not start a generation: %s: %s", type(exc).__name__, exc, exc_info=exc)
+        raise engine_failure(exc) from None
 
 
 def drain(generator, job: Job, pieces: list[str]):
@@ -495,13 +691,60 @@ def drain(generator, job: Job, pieces: list[str]):
             pieces.append(piece)
 
 
+def drafter_stages(engine) -> list:
+    """The engine's drafter and its first stages (a staged drafter's `stage`, and so on)."""
+    stages, stage = [], getattr(engine, "drafter", None)
+    while stage is not None and len(stages) < 16:
+        stages.append(stage)
+        stage = getattr(stage, "stage", None)
+    return stages
+
+
+def persistent_caches(engine) -> list[str]:
+    """The files in which the engine's drafters keep what they learn from every generation, across requests and
+    restarts (the n-gram drafter's persistent tier, the cross-vocabulary drafter's mappings)."""
+    paths = []
+    for stage in drafter_stages(engine):
+        for attribute in ("persistent_path", "cache_path"):
+            path = getattr(stage, attribute, None)
+            if path is not None:
+                paths.append(str(path))
+    return paths
+
+
+def forget_earlier_requests(engine) -> None:
+    """Wipe what earlier requests left in the engine that would speed up a later one (so its timing would tell
+    another client what they sent): the cached prompt prefix (KV reuse), the drafters' context and session state
+    (`engine.reset()`), and the n-gram drafter's recycled predictions (the target's next tokens after each token
+    of an earlier answer). Static caches stay (they hold no client's text). Runs on the engine thread."""
+    reset = getattr(engine, "reset", None)
+    if callable(reset):
+        reset()
+    for stage in drafter_stages(engine):
+        recycled = getattr(stage, "recycled", None)
+        if isinstance(recycled, dict):
+            recycled.clear()
+
+
+class CacheNotSaved(RuntimeError):
+    """A drafter's persistent cache could not be written at shutdown."""
+
+
 def persist_caches(engine) -> str | None:
     """At shutdown: `engine.close()`, which saves the drafters' persistent caches and releases the sessions (an
-    engine without `close`, a test double, has nothing to persist). Returns what was done."""
+    engine without `close`, a test double, has nothing to persist). Returns what was done; raises CacheNotSaved when
+    a cache could not be written (the engine reports that as a warning) or whatever `close` raised."""
+    import warnings
+
     close = getattr(engine, "close", None)
     if not callable(close):
         return None
-    close()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        close()
+    failed = [str(w.message) for w in caught if "not saved" in str(w.message)]
+    if failed:
+        raise CacheNotSaved("; ".join(failed))
     return "close"
 
 
@@ -520,21 +763,52 @@ def memory_usage() -> dict:
     return {key: round(mb * 2**20) for key, mb in figures.items() if mb is not None}
 
 
-class Service:
-    """The engine behind a bounded queue: one dispatcher task, one worker thread, graceful shutdown."""
+def text_limit(engine) -> int:
+    """The most characters of prompt text (or chat content) a request may carry: PROMPT_CHARS_PER_TOKEN per token of
+    the engine's context, at most MAX_TEXT_CHARS. Text over it cannot fit in the context, and tokenizing it just to
+    find that out would cost ~330 bytes per token."""
+    context = getattr(engine, "context_length", None)
+    if not is_int(context) or context < 1:
+        return MAX_TEXT_CHARS
+    return min(MAX_TEXT_CHARS, PROMPT_CHARS_PER_TOKEN * context)
 
-    def __init__(self, engine, max_queue: int = 64, shutdown_grace: float = 30.0):
+
+def client_identity(key_index: int | None, user: str | None) -> str | None:
+    """Who a request's cached engine state belongs to: the API key it authenticated with (by position in the key
+    list) and the `user` it declared. None (anonymous: its state is wiped before the next request, whoever sends
+    it) when neither is known."""
+    if key_index is None and user is None:
+        return None
+    return f"{'' if key_index is None else key_index}/{user or ''}"
+
+
+_NOBODY = object()  # the cache owner before the first request, and after a failed wipe: the next request wipes
+
+
+class Service:
+    """The engine behind a bounded queue: one dispatcher task, one worker thread, graceful shutdown.
+
+    `max_queue` slots are shared by the requests being read and parsed and those waiting (the one being generated
+    not counted). `shared_cache`: False (the default) wipes the engine's reusable state whenever the next job
+    belongs to another client (or to none, see `client_identity`)."""
+
+    def __init__(self, engine, max_queue: int = 64, shutdown_grace: float = 30.0, shared_cache: bool = False):
         if not is_int(max_queue) or max_queue < 1:
             raise ValueError(f"max_queue must be an int >= 1, got {max_queue!r}")
         self.engine = engine
         self.max_queue = max_queue
         self.shutdown_grace = shutdown_grace
+        self.shared_cache = bool(shared_cache)
         self.loop: asyncio.AbstractEventLoop | None = None
         self.queue: asyncio.Queue | None = None
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="edgespec-engine")
         self.in_flight: Job | None = None
         self.served = 0
+        self.waiting = 0  # slots taken: requests being read, parsed or queued
         self.draining = False
+        self.failure: str | None = None  # why the dispatcher stopped (then /health says "failed")
+        self.persist_error: str | None = None  # why the caches could not be saved at shutdown
+        self.cache_owner: object = _NOBODY  # the client whose state the engine holds
         self._current: asyncio.Future | None = None
         self._dispatcher: asyncio.Task | None = None
         self._closed = False
@@ -543,46 +817,115 @@ class Service:
         """Create the queue and the dispatcher on the running event loop (idempotent)."""
         if self._dispatcher is None:
             self.loop = asyncio.get_running_loop()
-            self.queue = asyncio.Queue(self.max_queue)
+            self.queue = asyncio.Queue()  # bounded by the slots (`admit`)
             self._dispatcher = asyncio.create_task(self._dispatch(), name="edgespec-dispatcher")
+            self._dispatcher.add_done_callback(self._dispatcher_stopped)
+
+    def must_isolate(self, client: str | None) -> bool:
+        """Whether the engine's state must be wiped before a job of `client` runs."""
+        return not self.shared_cache and (client is None or client != self.cache_owner)
 
     async def _dispatch(self) -> None:
-        """Hand queued jobs, one at a time, to the engine thread (jobs whose client went away are skipped)."""
+        """Hand queued jobs, one at a time, to the engine thread (jobs whose client went away are skipped). Survives
+        anything a job raises; only its own cancellation (at shutdown) ends it."""
         while True:
             job = await self.queue.get()
+            if job.ticket is not None:
+                job.ticket.release()
             if job.cancelled:
                 continue
+            isolate = self.must_isolate(job.client)
+            self.cache_owner = _NOBODY  # until the job has run (a cancelled or failed job may leave state behind)
             self.in_flight = job
-            self._current = self.loop.run_in_executor(self.executor, run_job, self.engine, job)
+            self._current = self.loop.run_in_executor(self.executor, run_job, self.engine, job, isolate)
             try:
                 await asyncio.shield(self._current)
+                self.cache_owner = job.client if job.client is not None else _NOBODY
             except asyncio.CancelledError:
-                raise
-            except Exception:
-                logger.exception("job failed")
+                if not self._current.done() or self._current.cancelled():
+                    raise  # the dispatcher itself is cancelled (shutdown)
+                self._job_failed(job, asyncio.CancelledError("the job was cancelled"))
+            except BaseException as exc:  # noqa: BLE001  run_job never raises; this is the last line of defence
+                self._job_failed(job, exc)
             finally:
                 self.in_flight = None
                 self.served += 1
 
-    async def submit(self, request: CompletionRequest) -> Job:
-        """Queue a request; 429 when the queue is full, 503 while shutting down."""
-        await self.start()
+    def _job_failed(self, job: Job, exc: BaseException) -> None:
+        logger.error("job failed: %s: %s", type(exc).__name__, exc)
+        if not job.answered:
+            job.post("error", engine_failure(exc))
+
+    def _dispatcher_stopped(self, task: asyncio.Task) -> None:
+        """Done-callback of the dispatcher: unless the server is closing, record why it stopped, fail the waiting
+        jobs with 503, and refuse new ones (so no request waits for an answer that never comes)."""
+        if self._closed:
+            return
+        if task.cancelled():
+            self.failure = "the dispatcher was cancelled"
+        else:
+            exc = task.exception()
+            self.failure = f"the dispatcher stopped: {type(exc).__name__}: {exc}" if exc else "the dispatcher ended"
+        logger.error("%s; new requests get 503 and /health says 'failed'", self.failure)
+        self._fail_waiting(self.unavailable())
+
+    def _fail_waiting(self, error: APIError) -> None:
+        """Answer every queued job with `error` (they never reach the worker)."""
+        while self.queue is not None and not self.queue.empty():
+            job = self.queue.get_nowait()
+            if job.ticket is not None:
+                job.ticket.release()
+            job.cancel(error)
+            job.events.put_nowait(("error", job.cancel_error))
+
+    def alive(self) -> bool:
+        """Whether the dispatcher runs (or has not been started yet)."""
+        if self.failure is None and self._dispatcher is not None and self._dispatcher.done() and not self._closed:
+            self.failure = "the dispatcher stopped"
+        return self.failure is None
+
+    def unavailable(self) -> APIError:
+        """503 while the dispatcher is dead."""
+        return APIError(503, f"the server cannot serve requests ({self.failure}); restart it", "server_error", None,
+                        "server_failed")
+
+    def admit(self) -> Ticket:
+        """Take a queue slot before reading a request's body: 503 while shutting down or failed, 429 (unread) when
+        `max_queue` requests are already being read or waiting."""
         if self.draining:
             raise shutting_down()
-        job = Job(request, self.loop)
-        try:
-            self.queue.put_nowait(job)
-        except asyncio.QueueFull:
+        if not self.alive():
+            raise self.unavailable()
+        if self.waiting >= self.max_queue:
             raise APIError(429, f"the server is busy: {self.max_queue} requests are already waiting; retry later",
-                           "rate_limit_error", None, "queue_full", headers={"Retry-After": "1"}) from None
+                           "rate_limit_error", None, "queue_full", headers={"Retry-After": "1"})
+        self.waiting += 1
+        return Ticket(self)
+
+    async def submit(self, request: CompletionRequest, client: str | None = None, ticket: Ticket | None = None) -> Job:
+        """Queue a request (with the slot `ticket` from `admit`, else one is taken here): 429 when the queue is full,
+        503 while shutting down or failed."""
+        await self.start()
+        if ticket is None:
+            ticket = self.admit()
+        if self.draining or not self.alive():
+            ticket.release()
+            raise shutting_down() if self.draining else self.unavailable()
+        job = Job(request, self.loop, client=client, ticket=ticket)
+        self.queue.put_nowait(job)
         return job
 
     def health(self) -> dict:
-        """Queue depth, in-flight requests, served count, memory."""
-        return {"status": "draining" if self.draining else "ok",
-                "queue_depth": self.queue.qsize() if self.queue is not None else 0,
-                "max_queue": self.max_queue, "in_flight": int(self.in_flight is not None), "served": self.served,
-                **memory_usage()}
+        """Status ("ok", "draining" or "failed", with the reason), queue depth, in-flight requests, served count,
+        memory."""
+        alive = self.alive()
+        status = "failed" if not alive else "draining" if self.draining else "ok"
+        out = {"status": status, "queue_depth": self.queue.qsize() if self.queue is not None else 0,
+               "max_queue": self.max_queue, "in_flight": int(self.in_flight is not None), "served": self.served,
+               "shared_cache": self.shared_cache, **memory_usage()}
+        if not alive:
+            out["error"] = self.failure
+        return out
 
     # -- shutdown ----------------------------------------------------------------------------------------------
     def begin_shutdown(self) -> None:
@@ -591,10 +934,7 @@ class Service:
         if self.draining:
             return
         self.draining = True
-        while self.queue is not None and not self.queue.empty():
-            job = self.queue.get_nowait()  # it never reaches the worker: its handler is told here
-            job.cancel(shutting_down())
-            job.events.put_nowait(("error", job.cancel_error))
+        self._fail_waiting(shutting_down())
         if self.loop is not None:
             self.loop.call_later(max(0.0, self.shutdown_grace), self._cancel_in_flight)
 
@@ -611,11 +951,12 @@ class Service:
 
     async def close(self) -> None:
         """Graceful shutdown: drain (see `begin_shutdown`), wait for the in-flight generation, then persist the
-        caches on the engine thread and stop it."""
+        caches on the engine thread and stop it. A failure to persist is logged and kept in `persist_error` (the
+        process then exits non-zero: `exit_status`)."""
         if self._closed:
             return
-        self._closed = True
         self.begin_shutdown()
+        self._closed = True
         current = self._current
         if current is not None and not current.done():
             with contextlib.suppress(asyncio.TimeoutError, Exception):
@@ -628,9 +969,17 @@ class Service:
             done = await asyncio.get_running_loop().run_in_executor(self.executor, persist_caches, self.engine)
             if done:
                 logger.info("caches persisted (%s)", done)
-        except Exception:
-            logger.exception("could not persist the caches")
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # noqa: BLE001  (a panic while saving included)
+            self.persist_error = f"{type(exc).__name__}: {exc}"
+            logger.error("could not persist the caches: %s", self.persist_error)
         self.executor.shutdown(wait=False)
+
+    def exit_status(self) -> int:
+        """The process's exit status after `close`: 0, or 1 when the caches could not be saved or the dispatcher
+        had failed."""
+        return 1 if self.persist_error is not None or self.failure is not None else 0
 
 
 def shutting_down() -> APIError:
@@ -645,32 +994,41 @@ def _json_response(payload: dict, status: int = 200, headers: dict | None = None
     return JSONResponse(payload, status_code=status, headers=headers)
 
 
-def _reject_constant(name: str):
-    raise ValueError(f"{name} is not valid JSON")
+async def read_body(request, max_bytes: int, timeout: float | None) -> bytes:
+    """The request body: 413 over `max_bytes` (by its Content-Length, unread, or as it arrives), 408 with
+    `Connection: close` when it has not all arrived within `timeout` seconds (a client that sends half a body and
+    stalls), ClientGone when the client disconnects during the upload."""
+    from starlette.requests import ClientDisconnect
 
-
-async def read_json(request, max_bytes: int) -> dict:
-    """The request body as a JSON object: 413 over `max_bytes`, 400 when malformed or not an object."""
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > max_bytes:
-        raise APIError(413, f"request body too large (over {max_bytes} bytes)", "invalid_request_error", None,
-                       "request_too_large")
+    if length is not None and length.isdigit() and (len(length) > 18 or int(length) > max_bytes):
+        raise body_too_large(max_bytes)
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise APIError(413, f"request body too large (over {max_bytes} bytes)", "invalid_request_error", None,
-                           "request_too_large")
-        chunks.append(chunk)
+    stream = request.stream().__aiter__()
     try:
-        body = json.loads(b"".join(chunks), parse_constant=_reject_constant)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise APIError(400, f"could not parse the JSON body of the request: {exc}", "invalid_request_error", None,
-                       "invalid_json") from None
-    if not isinstance(body, dict):
-        raise APIError(400, f"the request body must be a JSON object, got {json_type(body)}",
-                       "invalid_request_error", None, "invalid_json")
-    return body
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - loop.time())
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), remaining)
+            except StopAsyncIteration:
+                break
+            size += len(chunk)
+            if size > max_bytes:
+                raise body_too_large(max_bytes)
+            chunks.append(chunk)
+    except asyncio.TimeoutError:
+        raise APIError(408, f"the request body did not arrive within {timeout:g} s ({size} bytes received)",
+                       "invalid_request_error", None, "request_timeout", headers={"Connection": "close"}) from None
+    except ClientDisconnect:
+        raise ClientGone(f"the client disconnected during the upload ({size} bytes received)") from None
+    return b"".join(chunks)
+
+
+async def read_json(request, max_bytes: int = MAX_BODY_BYTES, timeout: float | None = BODY_TIMEOUT) -> dict:
+    """The request body as a JSON object (see `read_body` and `parse_json_body`)."""
+    return parse_json_body(await read_body(request, max_bytes, timeout), max_bytes)
 
 
 async def wait_disconnect(receive) -> None:
@@ -681,81 +1039,194 @@ async def wait_disconnect(receive) -> None:
             return
 
 
+# -- Host and Origin: no DNS rebinding, no cross-site requests ---------------------------------------------------
+def host_name(host: str) -> str:
+    """The name in a Host header (or a URL's netloc): no port, no brackets, lower case, no trailing dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    if host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".")
+
+
+def is_ip_literal(name: str) -> bool:
+    """Whether `name` is an IPv4 or IPv6 address (a browser reaches it by address: no DNS to rebind)."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def is_local_name(name: str) -> bool:
+    """localhost, a *.localhost name (both always loopback in browsers) or a loopback address."""
+    return name == "localhost" or name.endswith(".localhost") or (is_ip_literal(name) and
+                                                                   ipaddress.ip_address(name).is_loopback)
+
+
+def host_allowed(host: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a request's Host header is acceptable: an IP address, localhost, or a name in `allowed` ("*": any).
+    Any other name is how DNS rebinding reaches a local server from a web page (its name resolves to 127.0.0.1)."""
+    if host is None or "*" in allowed:
+        return True  # HTTP/1.0 without Host: not a browser
+    name = host_name(host)
+    return bool(name) and (is_ip_literal(name) or is_local_name(name) or name in allowed)
+
+
+def origin_allowed(origin: str | None, allowed: frozenset[str]) -> bool:
+    """Whether a request's Origin header is acceptable: none (not a browser, or a same-origin GET), an http(s)
+    origin on this machine (localhost, 127.0.0.1, [::1], any port), or one in `allowed` ("*": any). A web page on
+    another site (Origin https://evil.example) or a sandboxed one (Origin null) is refused."""
+    if origin is None or "*" in allowed:
+        return True
+    origin = origin.strip().lower().rstrip("/")
+    if origin in allowed:
+        return True
+    parts = urlsplit(origin)
+    return parts.scheme in ("http", "https") and is_local_name(host_name(parts.netloc))
+
+
+class RequestGuard:
+    """ASGI middleware: 403 (unread) for a request whose Host is a foreign name (DNS rebinding) or whose Origin is
+    a foreign web page (cross-site requests), before anything else runs."""
+
+    def __init__(self, app, allowed_hosts=(), allowed_origins=()):
+        self.app = app
+        self.allowed_hosts = frozenset(h.lower() for h in allowed_hosts)
+        self.allowed_origins = frozenset(o.lower().rstrip("/") for o in allowed_origins)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            headers = {}
+            for key, value in scope.get("headers", ()):
+                headers.setdefault(key.decode("latin-1").lower(), value.decode("latin-1"))
+            error = self.refusal(headers.get("host"), headers.get("origin"))
+            if error is not None:
+                logger.warning("refused %s %s: %s", scope.get("method"), scope.get("path"), error.message)
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def refusal(self, host: str | None, origin: str | None) -> APIError | None:
+        """The 403 for these headers, or None when they are acceptable."""
+        if not host_allowed(host, self.allowed_hosts):
+            return APIError(403, f"Host {shown(host)} is not this server's name (start the server with "
+                                 "--allow-host NAME to accept it)", "invalid_request_error", None, "forbidden_host")
+        if not origin_allowed(origin, self.allowed_origins):
+            return APIError(403, f"requests from web pages at {shown(origin)} are refused (start the server with "
+                                 "--allow-origin ORIGIN to accept them)", "invalid_request_error", None,
+                            "forbidden_origin")
+        return None
+
+
+def local_origin_pattern() -> str:
+    """A regular expression of the http(s) origins on this machine (allowed by default, as ollama does)."""
+    return r"https?://(localhost|[a-z0-9.-]+\.localhost|127(\.\d{1,3}){3}|\[::1\])(:\d{1,5})?"
+
+
 class Routes:
     """The endpoints of one app, bound to its Service."""
 
-    def __init__(self, service: Service, model_id: str, api_key: str | None, max_tokens_limit: int | None,
-                 request_timeout: float | None, max_body_bytes: int, default_chat_tokens: int):
-        self.service, self.model_id, self.api_key = service, model_id, api_key
+    def __init__(self, service: Service, model_id: str, api_keys: tuple[str, ...], max_tokens_limit: int | None,
+                 request_timeout: float | None, max_body_bytes: int, default_chat_tokens: int,
+                 body_timeout: float | None = BODY_TIMEOUT, max_text_chars: int = MAX_TEXT_CHARS):
+        self.service, self.model_id, self.api_keys = service, model_id, api_keys
+        self.max_text_chars = max_text_chars
         self.max_tokens_limit, self.request_timeout, self.max_body_bytes = max_tokens_limit, request_timeout, \
             max_body_bytes
         self.default_chat_tokens = default_chat_tokens
+        self.body_timeout = body_timeout
 
     # -- plumbing ----------------------------------------------------------------------------------------------
     def endpoint(self, handler, auth: bool = True):
-        """Wrap a handler: API key check, APIError -> its response, anything else -> 500 (the server stays up)."""
+        """Wrap a handler: API key check, APIError -> its response, a client gone mid-request -> one log line,
+        anything else -> 500 (the server stays up)."""
 
         async def wrapped(request):
             try:
-                if auth:
-                    self.authorize(request)
-                return await handler(request)
+                return await handler(request, self.authorize(request) if auth else None)
             except APIError as exc:
                 return exc.response()
+            except ClientGone as exc:
+                from starlette.responses import Response
+
+                logger.info("%s %s: %s", request.method, request.url.path, exc)
+                return Response(status_code=499)
             except Exception as exc:
                 logger.exception("unexpected error in %s", request.url.path)
                 return APIError(500, f"internal server error: {type(exc).__name__}", "server_error").response()
 
         return wrapped
 
-    def authorize(self, request) -> None:
-        """401 unless the request carries `Authorization: Bearer <api key>` (when a key is set)."""
-        if self.api_key is None:
-            return
+    def authorize(self, request) -> int | None:
+        """The position of the API key the request carries as `Authorization: Bearer <key>`, or None when no key is
+        set; 401 when keys are set and none matches (every key is compared, in constant time)."""
+        if not self.api_keys:
+            return None
         header = request.headers.get("authorization", "")
         scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+        token_bytes = token.strip().encode()
+        found = None
+        for i, key in enumerate(self.api_keys):
+            if hmac.compare_digest(token_bytes, key.encode()) and found is None:
+                found = i
+        if scheme.lower() != "bearer" or found is None:
             raise APIError(401, "incorrect or missing API key (send 'Authorization: Bearer <key>')",
                            "invalid_request_error", None, "invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})
+        return found
 
     def deadline(self) -> float | None:
         return None if self.request_timeout is None else time.monotonic() + self.request_timeout
 
     # -- endpoints ---------------------------------------------------------------------------------------------
-    async def health(self, request):
-        """GET /health: status, model, queue depth, in-flight requests, memory (no API key needed)."""
-        return _json_response({**self.service.health(), "model": self.model_id})
+    async def health(self, request, key=None):
+        """GET /health: status ("ok", "draining", or "failed" with 503), model, queue depth, in-flight requests,
+        memory (no API key needed)."""
+        report = self.service.health()
+        return _json_response({**report, "model": self.model_id}, 503 if report["status"] == "failed" else 200)
 
-    async def models(self, request):
+    async def models(self, request, key=None):
         """GET /v1/models."""
         return _json_response({"object": "list", "data": [self.model_card()]})
 
-    async def model(self, request):
+    async def model(self, request, key=None):
         """GET /v1/models/{model}."""
         if request.path_params["model"] != self.model_id:
-            raise APIError(404, f"the model {request.path_params['model']!r} does not exist",
+            raise APIError(404, f"the model {shown(request.path_params['model'])} does not exist",
                            "invalid_request_error", "model", "model_not_found")
         return _json_response(self.model_card())
 
     def model_card(self) -> dict:
         return {"id": self.model_id, "object": "model", "created": 0, "owned_by": "edgespec"}
 
-    async def chat_completions(self, request):
+    async def chat_completions(self, request, key=None):
         """POST /v1/chat/completions."""
-        return await self.complete(request, "chat", self.default_chat_tokens)
+        return await self.complete(request, "chat", self.default_chat_tokens, key)
 
-    async def completions(self, request):
+    async def completions(self, request, key=None):
         """POST /v1/completions."""
         return await self.complete(request, "completion", min(DEFAULT_COMPLETION_TOKENS,
-                                                               self.max_tokens_limit or DEFAULT_COMPLETION_TOKENS))
+                                                               self.max_tokens_limit or DEFAULT_COMPLETION_TOKENS),
+                                   key)
 
-    async def complete(self, request, kind: str, default_tokens: int):
-        """Parse, queue, and answer (JSON or server-sent events)."""
-        body = await read_json(request, self.max_body_bytes)
-        spec = parse_request(body, kind, self.model_id, self.max_tokens_limit, default_tokens)
+    async def complete(self, request, kind: str, default_tokens: int, key: int | None = None):
+        """Check the content type, take a queue slot (429 before reading anything), read and parse the body, queue,
+        and answer (JSON or server-sent events)."""
+        check_json_content_type(request.headers.get("content-type"))
+        await self.service.start()
+        ticket = self.service.admit()
+        try:
+            body = await read_json(request, self.max_body_bytes, self.body_timeout)
+            spec = parse_request(body, kind, self.model_id, self.max_tokens_limit, default_tokens,
+                                 self.max_text_chars)
+            del body  # a queued request holds only its checked fields
+            job = await self.service.submit(spec, client_identity(key, spec.user), ticket)
+        except BaseException:
+            ticket.release()
+            raise
         deadline = self.deadline()
-        job = await self.service.submit(spec)
         reply = Reply(kind, self.model_id, spec.include_usage)
         try:
             event, value = await self.first_event(request, job, deadline)
@@ -823,27 +1294,43 @@ def timed_out(seconds: float | None) -> APIError:
                     "request_timeout")
 
 
-def create_app(engine, model_name: str | None = None, api_key: str | None = None, max_queue: int = 64,
-               max_tokens_limit: int | None = None, request_timeout: float | None = None,
-               shutdown_grace: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES):
+def create_app(engine, model_name: str | None = None, api_key: "str | list[str] | tuple[str, ...] | None" = None,
+               max_queue: int = 64, max_tokens_limit: int | None = None, request_timeout: float | None = None,
+               shutdown_grace: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES, *, shared_cache: bool = False,
+               body_timeout: float | None = BODY_TIMEOUT, allow_origins=(), allow_hosts=()):
     """The Starlette app serving `engine` (see the module docstring). `model_name`: the model id (default: the
-    bundle's target name); `api_key`: required as `Authorization: Bearer KEY` on /v1 routes when set;
-    `max_queue`: requests that may wait (more get 429); `max_tokens_limit`: the largest max_tokens accepted (and
-    chat's default); `request_timeout`: seconds from arrival to the last token (504 / in-stream error past it);
-    `shutdown_grace`: seconds the in-flight request may take at shutdown. The Service is `app.state.service`."""
+    bundle's target name); `api_key`: a key, or several (one per client: each key's cached state is its own),
+    required as `Authorization: Bearer KEY` on /v1 routes when set; `max_queue`: requests that may be read or wait
+    (more get 429); `max_tokens_limit`: the largest max_tokens accepted (and chat's default); `request_timeout`:
+    seconds from arrival to the last token (504 / in-stream error past it); `shutdown_grace`: seconds the in-flight
+    request may take at shutdown; `shared_cache`: let every client reuse the engine's state (KV prefix, n-gram
+    tiers, the persistent n-gram cache: a timing side channel between clients) instead of wiping it between
+    clients; without it an engine with a persistent cache is refused (ValueError); `body_timeout`: seconds to
+    receive a body (408 past it); `allow_origins`: web origins (`https://app.example`, "*") accepted besides this
+    machine's; `allow_hosts`: Host names accepted besides IP addresses and localhost ("*": any). The Service is
+    `app.state.service`."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
+    from starlette.middleware import Middleware
+    from starlette.middleware.cors import CORSMiddleware
     from starlette.routing import Route
 
     if max_tokens_limit is not None and (not is_int(max_tokens_limit) or max_tokens_limit < 1):
         raise ValueError(f"max_tokens_limit must be an int >= 1, got {max_tokens_limit!r}")
     if request_timeout is not None and not (is_finite_number(request_timeout) and request_timeout > 0):
         raise ValueError(f"request_timeout must be a number > 0, got {request_timeout!r}")
-    service = Service(engine, max_queue=max_queue, shutdown_grace=shutdown_grace)
+    if body_timeout is not None and not (is_finite_number(body_timeout) and body_timeout > 0):
+        raise ValueError(f"body_timeout must be a number > 0, got {body_timeout!r}")
+    keys = api_keys_of(api_key)
+    if not shared_cache and persistent_caches(engine):
+        raise ValueError(f"the engine keeps a persistent cache that every client would share "
+                         f"({', '.join(persistent_caches(engine))}): load it with ngram_cache=False, or pass "
+                         "shared_cache=True (edgespec serve --shared-cache) to accept the timing side channel")
+    service = Service(engine, max_queue=max_queue, shutdown_grace=shutdown_grace, shared_cache=shared_cache)
     context = getattr(engine, "context_length", None)
     default_chat = max_tokens_limit or (context if is_int(context) else 4096)
-    routes = Routes(service, model_name or engine_model_name(engine), api_key or None, max_tokens_limit,
-                    request_timeout, max_body_bytes, default_chat)
+    routes = Routes(service, model_name or engine_model_name(engine), keys, max_tokens_limit,
+                    request_timeout, max_body_bytes, default_chat, body_timeout, text_limit(engine))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -858,6 +1345,7 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
         return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                         "invalid_request_error", None, kind).response()
 
+    origins = [o.rstrip("/") for o in allow_origins]
     app = Starlette(
         routes=[
             Route("/health", routes.endpoint(routes.health, auth=False), methods=["GET"]),
@@ -865,6 +1353,11 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
             Route("/v1/models/{model:path}", routes.endpoint(routes.model), methods=["GET"]),
             Route("/v1/chat/completions", routes.endpoint(routes.chat_completions), methods=["POST"]),
             Route("/v1/completions", routes.endpoint(routes.completions), methods=["POST"]),
+        ],
+        middleware=[
+            Middleware(RequestGuard, allowed_hosts=tuple(allow_hosts), allowed_origins=tuple(origins)),
+            Middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=local_origin_pattern(),
+                       allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"], max_age=600),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
@@ -874,10 +1367,20 @@ def create_app(engine, model_name: str | None = None, api_key: str | None = None
     return app
 
 
+def api_keys_of(api_key) -> tuple[str, ...]:
+    """`create_app`'s api_key as a tuple of keys (empty: no key required)."""
+    if api_key is None or api_key == "":
+        return ()
+    keys = (api_key,) if isinstance(api_key, str) else tuple(api_key)
+    if not all(isinstance(k, str) and k for k in keys):
+        raise ValueError("api keys must be non-empty strings")
+    return keys
+
+
 # ---- running it ------------------------------------------------------------------------------------------------
 def _graceful_server(config, service: Service):
     """A uvicorn Server whose SIGTERM/SIGINT starts our drain at once and does not re-raise the signal after the
-    shutdown (so the process exits 0)."""
+    shutdown (so the exit status is ours: `Service.exit_status`)."""
     import uvicorn
 
     class GracefulServer(uvicorn.Server):
@@ -891,24 +1394,48 @@ def _graceful_server(config, service: Service):
     return GracefulServer(config)
 
 
-def serve(engine, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
-          api_key: str | None = None, max_queue: int = 64, max_tokens_limit: int | None = None,
-          request_timeout: float | None = None, shutdown_grace: float = 30.0, log_level: str = "info",
-          announce=print) -> int:
-    """Serve `engine` until SIGTERM/SIGINT, then shut down gracefully (no new requests; the in-flight one finishes
-    within `shutdown_grace` seconds or is cancelled; caches persisted). Returns 0."""
+def server_config(app, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info",
+                  shutdown_grace: float = 30.0, max_connections: int = MAX_CONNECTIONS):
+    """The uvicorn Config serving `app`: over `max_connections` concurrent connections or requests uvicorn answers
+    503 (`limit_concurrency`)."""
     import uvicorn
 
+    if not is_int(max_connections) or max_connections < 1:
+        raise ValueError(f"max_connections must be an int >= 1, got {max_connections!r}")
+    return uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
+                          limit_concurrency=max_connections,
+                          timeout_graceful_shutdown=int(math.ceil(shutdown_grace + CANCEL_WAIT_SECONDS)))
+
+
+def serve(engine, host: str = "127.0.0.1", port: int = 8000, *, model_name: str | None = None,
+          api_key: "str | list[str] | tuple[str, ...] | None" = None, max_queue: int = 64,
+          max_tokens_limit: int | None = None, request_timeout: float | None = None, shutdown_grace: float = 30.0,
+          log_level: str = "info", announce=print, shared_cache: bool = False,
+          body_timeout: float | None = BODY_TIMEOUT, max_connections: int = MAX_CONNECTIONS, allow_origins=(),
+          allow_hosts=()) -> int:
+    """Serve `engine` until SIGTERM/SIGINT, then shut down gracefully (no new requests; the in-flight one finishes
+    within `shutdown_grace` seconds or is cancelled; caches persisted). Returns the exit status: 0, or 1 when the
+    caches could not be saved or the dispatcher had failed. The other arguments are `create_app`'s and
+    `server_config`'s; the bound host is accepted as a Host name."""
+    hosts = tuple(allow_hosts) + (() if is_ip_literal(host_name(host)) else (host_name(host),))
     app = create_app(engine, model_name=model_name, api_key=api_key, max_queue=max_queue,
                      max_tokens_limit=max_tokens_limit, request_timeout=request_timeout,
-                     shutdown_grace=shutdown_grace)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=int(math.ceil(shutdown_grace + CANCEL_WAIT_SECONDS)))
-    server = _graceful_server(config, app.state.service)
+                     shutdown_grace=shutdown_grace, shared_cache=shared_cache, body_timeout=body_timeout,
+                     allow_origins=allow_origins, allow_hosts=hosts)
+    config = server_config(app, host, port, log_level=log_level, shutdown_grace=shutdown_grace,
+                           max_connections=max_connections)
+    service = app.state.service
+    server = _graceful_server(config, service)
     announce(f"edgespec serve: model {app.state.model_id!r} at http://{host}:{port}/v1 "
              f"(OpenAI-compatible; health at http://{host}:{port}/health)")
+    announce("cache: " + ("shared by all clients (--shared-cache)" if shared_cache else
+                          "per client (KV prefix and n-gram session state wiped between clients; no persistent "
+                          "n-gram cache)"))
     server.run()
-    return 0
+    status = service.exit_status()
+    if status:
+        announce(f"edgespec serve: exit status {status}: {service.persist_error or service.failure}")
+    return status
 
 
 def require_server_dependencies() -> None:
@@ -921,20 +1448,97 @@ def require_server_dependencies() -> None:
                            "pip install 'edgespec[serve]'") from None
 
 
+def read_api_keys(path: "str | os.PathLike") -> tuple[str, ...]:
+    """The API keys in the file `path`, one per line (blank lines and `#` comments skipped): 1 to MAX_API_KEYS keys
+    of 1 to 256 printable ASCII characters without spaces, in a regular file of at most MAX_KEY_FILE_BYTES.
+    ValueError naming the file (and the line) otherwise; OSError when it cannot be read."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{path} is not a regular file")
+    if st.st_size > MAX_KEY_FILE_BYTES:
+        raise ValueError(f"{path} has {st.st_size} bytes; an API key file has at most {MAX_KEY_FILE_BYTES}")
+    with open(path, "rb") as f:
+        raw = f.read(MAX_KEY_FILE_BYTES + 1)
+    if len(raw) > MAX_KEY_FILE_BYTES:
+        raise ValueError(f"{path} has over {MAX_KEY_FILE_BYTES} bytes")
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: API keys must be ASCII") from None
+    keys = []
+    for number, line in enumerate(text.splitlines(), 1):
+        key = line.strip()
+        if not key or key.startswith("#"):
+            continue
+        if len(key) > 256 or any(not 0x21 <= ord(c) <= 0x7E for c in key):
+            raise ValueError(f"{path}, line {number}: an API key is 1 to 256 printable characters without spaces")
+        keys.append(key)
+    if not keys:
+        raise ValueError(f"{path} holds no API key")
+    if len(keys) > MAX_API_KEYS:
+        raise ValueError(f"{path} holds {len(keys)} API keys; at most {MAX_API_KEYS}")
+    return tuple(keys)
+
+
+@dataclass(frozen=True)
+class KeyFile:
+    """--api-key-file: the file and the keys read from it."""
+
+    path: str
+    keys: tuple[str, ...]
+
+
+def api_key_file(text: str) -> KeyFile:
+    """argparse type of --api-key-file: the keys (see `read_api_keys`), read at once."""
+    try:
+        return KeyFile(text, read_api_keys(text))
+    except (OSError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def key_file_readable_by_others(path: str) -> bool:
+    """Whether the group or others may read the key file (then the server warns)."""
+    try:
+        return bool(os.stat(path).st_mode & (stat.S_IRGRP | stat.S_IROTH))
+    except OSError:
+        return False
+
+
+def api_keys_from(args, environ) -> tuple[str, ...]:
+    """The keys `serve` requires: those of --api-key-file and --api-key, else $EDGESPEC_API_KEY (none: open)."""
+    keys = (args.api_key_file.keys if args.api_key_file else ()) + ((args.api_key,) if args.api_key else ())
+    if not keys and environ.get("EDGESPEC_API_KEY", "").strip():
+        keys = (environ["EDGESPEC_API_KEY"].strip(),)
+    return keys
+
+
 def cmd_serve(args) -> int:
-    """`edgespec serve`: load the bundle and serve it."""
+    """`edgespec serve`: load the bundle (no session history unless --history; no persistent n-gram cache unless
+    --shared-cache) and serve it."""
     require_server_dependencies()
     from .engine import load
 
-    api_key = args.api_key or os.environ.get("EDGESPEC_API_KEY") or None
-    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
-        print(f"warning: serving on {args.host} without an API key (--api-key or EDGESPEC_API_KEY)", flush=True)
+    keys = api_keys_from(args, os.environ)
+    say = lambda line: print(line, flush=True)  # noqa: E731
+    if args.api_key:
+        say("warning: --api-key is visible to every user of this machine (ps); use --api-key-file or "
+            "EDGESPEC_API_KEY")
+    if args.api_key_file and key_file_readable_by_others(args.api_key_file.path):
+        say(f"warning: {args.api_key_file.path} is readable by other users (chmod 600 it)")
+    if not is_local_name(host_name(args.host)) and not keys:
+        say(f"warning: serving on {args.host} without an API key (--api-key-file or EDGESPEC_API_KEY)")
     engine = load(args.bundle, threads=args.threads, drafter=None if args.drafter == "none" else args.drafter,
-                  device=None if args.device == "none" else args.device, max_context=args.max_context)
-    return serve(engine, host=args.host, port=args.port, model_name=args.model_name, api_key=api_key,
+                  device=None if args.device == "none" else args.device, max_context=args.max_context,
+                  history=bool(args.history), ngram_cache=None if args.shared_cache else False)
+    if args.history:
+        say("history: on (--history): every prompt and answer is appended to the bundle's history file under "
+            "$EDGESPEC_HISTORY_DIR or ~/.cache/edgespec/history")
+    return serve(engine, host=args.host, port=args.port, model_name=args.model_name, api_key=keys or None,
                  max_queue=args.max_queue, max_tokens_limit=args.max_tokens_limit,
                  request_timeout=args.request_timeout, shutdown_grace=args.grace, log_level=args.log_level,
-                 announce=lambda line: print(line, flush=True))
+                 announce=say, shared_cache=args.shared_cache, body_timeout=args.body_timeout,
+                 max_connections=args.max_connections, allow_origins=tuple(args.allow_origin or ()),
+                 allow_hosts=tuple(args.allow_host or ()))
 
 
 def cmd_serve_bench(args) -> int:
@@ -945,23 +1549,53 @@ def cmd_serve_bench(args) -> int:
 
 
 def register_cli(subparsers) -> None:
-    """Add the `serve` and `serve-bench` commands to an argparse subparsers object."""
+    """Add the `serve` and `serve-bench` commands to an argparse subparsers object. Every number is bounded
+    (edgespec.cliargs): a bad value is argparse's one-line error and exit status 2."""
+    from .cliargs import MAX_TOKENS, at_most, bounded_float, bounded_int, bounded_text, not_special_file, threads_arg
+
     p = subparsers.add_parser("serve", help="serve a bundle over an OpenAI-compatible HTTP API")
-    p.add_argument("--bundle", "-b", required=True)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1 routes (also: EDGESPEC_API_KEY)")
-    p.add_argument("--model-name", default=None, help="model id to serve under (default: the bundle's target name)")
-    p.add_argument("--max-queue", type=int, default=64, help="requests that may wait; more get 429 (default 64)")
-    p.add_argument("--max-tokens-limit", type=int, default=None, help="largest max_tokens accepted")
-    p.add_argument("--request-timeout", type=float, default=None, help="seconds per request, queueing included")
-    p.add_argument("--grace", type=float, default=30.0,
+    p.add_argument("--bundle", "-b", required=True, type=not_special_file)
+    p.add_argument("--host", default="127.0.0.1", type=bounded_text(253),
+                   help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=bounded_int(1, 65535), default=8000, help="1 to 65535 (default 8000)")
+    p.add_argument("--api-key-file", type=api_key_file, default=None, metavar="PATH",
+                   help="require 'Authorization: Bearer KEY' on /v1 routes, KEY one of the keys in PATH (one per "
+                        "line; each key's clients get their own cached state). Also: EDGESPEC_API_KEY")
+    p.add_argument("--api-key", default=None, type=bounded_text(256),
+                   help="one key on the command line (visible in `ps`: prefer --api-key-file or EDGESPEC_API_KEY)")
+    p.add_argument("--model-name", default=None, type=bounded_text(256),
+                   help="model id to serve under (default: the bundle's target name)")
+    p.add_argument("--max-queue", type=bounded_int(1, 65536), default=64,
+                   help="requests that may be read or wait; more get 429 (default 64)")
+    p.add_argument("--max-tokens-limit", type=bounded_int(1, MAX_TOKENS), default=None,
+                   help="largest max_tokens accepted")
+    p.add_argument("--request-timeout", type=bounded_float(0, 86400, lo_open=True), default=None,
+                   help="seconds per request, queueing included")
+    p.add_argument("--body-timeout", type=bounded_float(0, 3600, lo_open=True), default=BODY_TIMEOUT,
+                   help=f"seconds to receive a request body; a slower upload gets 408 and is dropped "
+                        f"(default {BODY_TIMEOUT:g})")
+    p.add_argument("--max-connections", type=bounded_int(1, 65536), default=MAX_CONNECTIONS,
+                   help=f"concurrent connections and requests; more get 503 (default {MAX_CONNECTIONS})")
+    p.add_argument("--grace", type=bounded_float(0, 3600), default=30.0,
                    help="seconds the in-flight request may take to finish at shutdown (default 30)")
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--max-context", type=int, default=4096)
-    p.add_argument("--drafter", default="ngram", metavar="SPEC", help="speculative drafter (see `generate`)")
-    p.add_argument("--device", default="auto", metavar="NAME|auto|FILE|none",
+    p.add_argument("--history", action="store_true",
+                   help="record every prompt and answer in the bundle's session history (for `edgespec adapt`; "
+                        "mode 0600). Off by default: the server keeps no client's text")
+    p.add_argument("--shared-cache", action="store_true",
+                   help="let all clients share the engine's caches (prompt-prefix reuse, n-gram tiers) and keep the "
+                        "persistent n-gram cache: faster, but a client can time whether another sent a text")
+    p.add_argument("--allow-origin", action=at_most(64), type=bounded_text(512), metavar="ORIGIN",
+                   help="a web origin (https://app.example) whose pages may call the server (repeatable; '*': any). "
+                        "Pages on this machine (localhost) always may; others get 403")
+    p.add_argument("--allow-host", action=at_most(64), type=bounded_text(253), metavar="NAME",
+                   help="a Host name to accept besides IP addresses, localhost and --host (repeatable; '*': any); "
+                        "other names get 403 (DNS rebinding)")
+    p.add_argument("--threads", type=threads_arg(), default=None, help="intra-op threads, 1 to 4x the CPU count")
+    p.add_argument("--max-context", type=bounded_int(1, MAX_TOKENS), default=4096,
+                   help=f"tokens of context, 1 to {MAX_TOKENS} (default 4096)")
+    p.add_argument("--drafter", default="ngram", metavar="SPEC", type=bounded_text(256),
+                   help="speculative drafter (see `generate`)")
+    p.add_argument("--device", default="auto", metavar="NAME|auto|FILE|none", type=not_special_file,
                    help="device profile sizing the draft trees (see `generate`)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)

@@ -8,20 +8,47 @@ Only ``tokenizers`` (Hugging Face's Rust tokenizer) is used: no torch, no transf
   concatenation (plus :meth:`StreamDecoder.flush`) is exactly ``Tokenizer.decode(all_ids)``.
 * :class:`StopMatcher` holds back text that may be the beginning of a stop string and cuts the
   text exactly before the first stop string.
+
+Limits: a tokenizer file over :data:`MAX_TOKENIZER_BYTES` (64 MiB; real ones are 2-35 MB) is refused before it is
+read; at most :data:`MAX_STOP_STRINGS` (16) stop strings of at most :data:`MAX_STOP_CHARS` (1,000) characters each
+(:func:`check_stop_strings`), matched in memory linear in their length.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import stat
 from collections.abc import Iterable
 
 import tokenizers
 
-__all__ = ["Tokenizer", "StreamDecoder", "StopMatcher", "common_prefix_length"]
+__all__ = ["Tokenizer", "StreamDecoder", "StopMatcher", "common_prefix_length", "check_stop_strings",
+           "MAX_TOKENIZER_BYTES", "MAX_STOP_STRINGS", "MAX_STOP_CHARS"]
+
+MAX_TOKENIZER_BYTES = 64 << 20  # a tokenizer.json is 2-35 MB (Gemma 3's, the largest we know, 33 MB)
+MAX_STOP_STRINGS = 16  # stop strings per generation (the server allows fewer: OpenAI's 4)
+MAX_STOP_CHARS = 1000  # characters per stop string
 
 _REPLACEMENT_CHAR = "\ufffd"
 # Encoded once when a tokenizer file is loaded: letters, digits, punctuation, whitespace, accents, CJK, an emoji.
 _SMOKE_TEXT = "Hello, World! 0123 x = a_b + c;\n\t caf\u00e9 \u00fcber \u65e5\u672c \U0001F600 <|im_end|>"
+
+
+def check_tokenizer_file(path: str) -> None:
+    """Raise ValueError naming `path` when it is missing, not a regular file (a FIFO would block the reader, a
+    folder or device is no tokenizer) or over MAX_TOKENIZER_BYTES: all decided from its metadata, nothing read."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise ValueError(f"tokenizer file not found: {path}") from None
+    except OSError as exc:
+        raise ValueError(f"tokenizer file {path} cannot be examined: {exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"tokenizer path is not a file: {path} (a FIFO, device or folder)")
+    if info.st_size > MAX_TOKENIZER_BYTES:
+        raise ValueError(f"tokenizer file {path} is {info.st_size} bytes, over the limit of "
+                         f"{MAX_TOKENIZER_BYTES >> 20} MiB: not a tokenizer.json")
 
 
 class Tokenizer:
@@ -38,10 +65,7 @@ class Tokenizer:
         else:
             path = os.fspath(source)
             self.path = path
-            if not os.path.exists(path):
-                raise ValueError(f"tokenizer file not found: {path}")
-            if not os.path.isfile(path):
-                raise ValueError(f"tokenizer path is not a file: {path}")
+            check_tokenizer_file(path)
             try:
                 self._tk = tokenizers.Tokenizer.from_file(path)
             except (KeyboardInterrupt, SystemExit):
@@ -198,6 +222,58 @@ class StreamDecoder:
         return rest
 
 
+def check_stop_strings(stop_strings: Iterable[str] | str) -> tuple[str, ...]:
+    """The stop strings as a tuple without repeats (first occurrence kept; one str is one stop string).
+
+    Raises ValueError for more than MAX_STOP_STRINGS of them (counted as given, before repeats are dropped; an
+    endless iterable is not consumed past the limit), one that is not a str, an empty one, or one longer than
+    MAX_STOP_CHARS characters.
+    """
+    if isinstance(stop_strings, str):
+        stop_strings = (stop_strings,)
+    stops = tuple(itertools.islice(stop_strings, MAX_STOP_STRINGS + 1))
+    if len(stops) > MAX_STOP_STRINGS:
+        raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings are allowed, got more")
+    for s in stops:
+        if not isinstance(s, str):
+            raise ValueError(f"stop strings must be str, got {type(s).__name__}: {repr(s)[:80]}")
+        if not s:
+            raise ValueError("stop strings must be non-empty")
+        if len(s) > MAX_STOP_CHARS:
+            raise ValueError(f"a stop string has {len(s)} characters, over the limit of {MAX_STOP_CHARS}: "
+                             f"{s[:40]!r}...")
+    return tuple(dict.fromkeys(stops))
+
+
+def border_table(s: str) -> list[int]:
+    """KMP failure function of `s`: entry i is the length of the longest proper prefix of s[:i + 1] that is also
+    its suffix."""
+    table = [0] * len(s)
+    k = 0
+    for i in range(1, len(s)):
+        while k and s[i] != s[k]:
+            k = table[k - 1]
+        if s[i] == s[k]:
+            k += 1
+        table[i] = k
+    return table
+
+
+def advance_match(s: str, table: list[int], state: int, text: str) -> int:
+    """KMP matching state after reading `text`: starting from `state` (the length of the longest prefix of `s`
+    that is a suffix of what was read before, below len(s)), the length of the longest proper prefix of `s` that is
+    a suffix of what was read then `text` (a full occurrence of `s` falls back to its longest border)."""
+    full = len(s)
+    for ch in text:
+        while state and s[state] != ch:
+            state = table[state - 1]
+        if s[state] == ch:
+            state += 1
+            if state == full:
+                state = table[state - 1]
+    return state
+
+
 class StopMatcher:
     """Streaming stop-string detection over text pieces.
 
@@ -210,20 +286,17 @@ class StopMatcher:
     When several stop strings occur, the one that *ends* first wins (ties: the longest), which is
     what a character-by-character stream would see, so the result never depends on how the text
     was cut into pieces.
+
+    Cost: the stop strings are checked by :func:`check_stop_strings` (count and length capped). The held tail is
+    the longest suffix of the text that is a proper prefix of a stop string, tracked per stop string by a KMP
+    automaton (memory linear in the stop strings' length; a push costs its piece's length, or at most the stop
+    string's length, per stop string), and occurrences are found with ``str.find`` on the held tail plus the piece.
     """
 
     def __init__(self, stop_strings: Iterable[str] = ()):
-        if isinstance(stop_strings, str):
-            stop_strings = (stop_strings,)
-        stops = tuple(stop_strings)
-        for s in stops:
-            if not isinstance(s, str):
-                raise ValueError(f"stop strings must be str, got {type(s).__name__}: {s!r}")
-            if not s:
-                raise ValueError("stop strings must be non-empty")
-        self.stop_strings: tuple[str, ...] = tuple(dict.fromkeys(stops))
-        self._prefixes = frozenset(s[:k] for s in self.stop_strings for k in range(1, len(s)))
-        self._max_hold = max((len(s) - 1 for s in self.stop_strings), default=0)
+        self.stop_strings: tuple[str, ...] = check_stop_strings(stop_strings)
+        self._tables = [border_table(s) for s in self.stop_strings]
+        self._states = [0] * len(self.stop_strings)
         self._emitted: list[str] = []
         self._pending = ""
         self.stopped = False
@@ -258,20 +331,30 @@ class StopMatcher:
             self.stopped = True
             self.stop_string = s
         else:
-            hold = 0
-            for k in range(min(self._max_hold, len(buf)), 0, -1):
-                if buf[-k:] in self._prefixes:
-                    hold = k
-                    break
+            hold = self._hold(buf, piece)
             out = buf[: len(buf) - hold]
             self._pending = buf[len(buf) - hold :]
         if out:
             self._emitted.append(out)
         return out
 
+    def _hold(self, buf: str, piece: str) -> int:
+        """Advance every stop string's matching state over `piece` (`buf`: the held tail plus `piece`, holding no
+        stop string) and return the longest state: the length of the tail to hold back."""
+        hold = 0
+        for i, (s, table) in enumerate(zip(self.stop_strings, self._tables)):
+            if len(piece) >= len(s) - 1:  # only the last len(s) - 1 characters can matter: start afresh there
+                state = advance_match(s, table, 0, buf[len(buf) - (len(s) - 1):] if len(s) > 1 else "")
+            else:
+                state = advance_match(s, table, self._states[i], piece)
+            self._states[i] = state
+            hold = max(hold, state)
+        return hold
+
     def flush(self) -> str:
         """End of stream: return the held-back tail (``""`` if stopped)."""
         out, self._pending = self._pending, ""
+        self._states = [0] * len(self.stop_strings)
         if self.stopped:
             return ""
         if out:

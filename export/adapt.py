@@ -42,7 +42,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..history import default_history_path, read_history
+from ..history import HOW_TO_TURN_ON, default_history_path, read_history
 from ..runtimes.manifest import Manifest, ModelEntry, load_manifest
 
 Log = Callable[[str], None]
@@ -275,10 +275,12 @@ def find_drafter_source(entry: ModelEntry, override: str | None = None, cache_di
 
 
 def _load_history(manifest: Manifest, history: str | os.PathLike | None) -> tuple[Path, list[dict]]:
+    """(path, records) of the history file (the bundle's default one unless `history` names one); AdaptError, saying
+    how history is turned on, when there is none, and when the path is not a regular file."""
     path = Path(history) if history else default_history_path(manifest.root, manifest.target)
     try:
         return path, read_history(path)
-    except FileNotFoundError as exc:
+    except (FileNotFoundError, ValueError) as exc:  # missing (the message says how to turn history on), a FIFO
         raise AdaptError(str(exc)) from None
 
 
@@ -484,7 +486,7 @@ def adapt_drafter(bundle_dir: str | os.PathLike, *, drafter: str | None = None,
     examples = build_examples(records, entry, manifest.target_model, mapped_weight, max_tokens)
     if len(examples) < 2:
         raise AdaptError(f"history {history_path} has {len(examples)} usable record(s) of {len(records)} (a record "
-                         "needs output text the drafter can learn from); at least 2 are needed")
+                         f"needs output text the drafter can learn from); at least 2 are needed: {HOW_TO_TURN_ON}")
     train_idx, held_idx = split_holdout(len(examples), holdout, seed)
     train_examples = [examples[i] for i in train_idx]
     held_examples = [examples[i] for i in held_idx]
@@ -606,25 +608,36 @@ def cmd_add_drafter(args) -> int:
     return 0
 
 
+MAX_STEPS = 100_000
+MAX_RANK = 1024
+MAX_ALPHA = 10_000.0
+
+
 def register_cli(sub) -> None:
-    """Add the `adapt` and `add-drafter` subcommands to the `edgespec` argument parser's subparsers."""
+    """Add the `adapt` and `add-drafter` subcommands to the `edgespec` argument parser's subparsers (numbers
+    bounded, files regular: see edgespec.cliargs)."""
+    from ..cliargs import MAX_SEED, bounded_float, bounded_int, new_or_regular_file, not_special_file, threads_arg
+
     p = sub.add_parser("adapt", help="adapt a drafter to the target from the generation history (LoRA, OmniDraft)")
     p.add_argument("bundle")
     p.add_argument("--drafter", metavar="NAME", default=None,
                    help="drafter to adapt (default: the first one whose tokenizer differs from the target's)")
-    p.add_argument("--history", metavar="FILE", default=None,
-                   help="history file (default: the bundle's under ~/.cache/edgespec/history or $EDGESPEC_HISTORY_DIR)")
-    p.add_argument("--holdout", metavar="FRAC", type=float, default=DEFAULT_HOLDOUT,
-                   help="share of records held out (never trained on) to measure the loss before and after")
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
-    p.add_argument("--rank", type=int, default=DEFAULT_RANK, help="LoRA rank")
-    p.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="LoRA alpha")
-    p.add_argument("--lr", type=float, default=DEFAULT_LR)
-    p.add_argument("--mapped-weight", type=float, default=DEFAULT_MAPPED_WEIGHT,
-                   help="loss weight of n-gram mapped drafter tokens (directly mapped ones weigh 1)")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--source", default=None, help="the drafter's base weights, when the manifest's path is gone")
+    p.add_argument("--history", metavar="FILE", type=new_or_regular_file, default=None,
+                   help="history file, a regular file (default: the bundle's under ~/.cache/edgespec/history or "
+                        "$EDGESPEC_HISTORY_DIR)")
+    p.add_argument("--holdout", metavar="FRAC", type=bounded_float(0.0, 1.0, hi_open=True), default=DEFAULT_HOLDOUT,
+                   help="share of records held out (never trained on) to measure the loss before and after, in [0, 1)")
+    p.add_argument("--steps", type=bounded_int(1, MAX_STEPS), default=DEFAULT_STEPS, help=f"1 to {MAX_STEPS}")
+    p.add_argument("--rank", type=bounded_int(1, MAX_RANK), default=DEFAULT_RANK, help=f"LoRA rank, 1 to {MAX_RANK}")
+    p.add_argument("--alpha", type=bounded_float(0.0, MAX_ALPHA, lo_open=True), default=DEFAULT_ALPHA,
+                   help=f"LoRA alpha, in (0, {MAX_ALPHA:g}]")
+    p.add_argument("--lr", type=bounded_float(0.0, 1.0, lo_open=True), default=DEFAULT_LR, help="in (0, 1]")
+    p.add_argument("--mapped-weight", type=bounded_float(0.0, 1.0), default=DEFAULT_MAPPED_WEIGHT,
+                   help="loss weight of n-gram mapped drafter tokens, in [0, 1] (directly mapped ones weigh 1)")
+    p.add_argument("--threads", type=threads_arg(), default=2, help="1 to 4x the CPU count (default 2)")
+    p.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=0, help="0 to 2**64-1")
+    p.add_argument("--source", type=not_special_file, default=None,
+                   help="the drafter's base weights, when the manifest's path is gone")
     p.add_argument("--quant", choices=["fp32", "int8", "int4"], default=None,
                    help="quantization of the re-exported drafter (default: follows the drafter's)")
     p.add_argument("--no-parity", action="store_true", help="skip the torch reference check of the re-export")
@@ -635,12 +648,12 @@ def register_cli(sub) -> None:
 
     p = sub.add_parser("add-drafter", help="add a drafter model to an existing bundle")
     p.add_argument("bundle")
-    p.add_argument("model", help="short model name, .gguf file or Hugging Face folder")
+    p.add_argument("model", type=not_special_file, help="short model name, .gguf file or Hugging Face folder")
     p.add_argument("--name", default=None, help="name of the drafter inside the bundle")
     p.add_argument("--drafter-kernels", choices=["fast", "exact"], default="fast",
                    help="fast (int8 activations; default) or exact (the target's settings)")
     p.add_argument("--quant", choices=["gguf", "fp32", "int8", "int4"], default=None,
                    help="default: gguf for GGUF sources, fp32 for HF folders")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=threads_arg(), default=2, help="1 to 4x the CPU count (default 2)")
     p.add_argument("--no-parity", action="store_true", help="skip the torch reference check")
     p.set_defaults(func=cmd_add_drafter)

@@ -6,11 +6,14 @@ each way a bundle can be wrong. `write_manifest` is what the exporter uses (atom
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import stat
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -214,6 +217,8 @@ def _model_entry(root: Path, name: str, d: dict, check_files: bool, manifest: st
         raise BundleError(f"{where}: special_tokens.add_bos must be true or false, got {short_repr(add_bos)}")
     chat_template = _optional(d, "chat_template", str, where)
     dicts = {key: _optional(d, key, dict, where, {}) for key in ("quantization", "accuracy", "source")}
+    check_quantization(dicts["quantization"], where)
+    check_accuracy(dicts["accuracy"], where)
     self_spec = _self_speculation(root, d.get("self_speculation"), where, check_files)
     return ModelEntry(
         name=name,
@@ -235,6 +240,56 @@ def _model_entry(root: Path, name: str, d: dict, check_files: bool, manifest: st
         self_speculation=self_spec,
         **ints,
     )
+
+
+# `quantization` fields the runtime or the exporter reads: name -> (check, what it must be). MatMulNBits knows the
+# accuracy levels 0 (fp32 math) to 4 (int8 activations).
+ACCURACY_LEVELS = range(0, 5)
+_QUANTIZATION_FIELDS = {
+    "mode": (lambda v: isinstance(v, str), "a string"),
+    "accuracy_level": (lambda v: is_int(v) and v in ACCURACY_LEVELS, "an integer from 0 to 4"),
+    "eight_bit": (lambda v: isinstance(v, str), "a string"),
+    "fused_ops": (lambda v: isinstance(v, bool), "true or false"),
+    "t_invariant": (lambda v: isinstance(v, bool), "true or false"),
+    "tensor_types": (lambda v: isinstance(v, dict) and all(isinstance(k, str) and is_int(n) and n >= 0
+                                                           for k, n in v.items()),
+                     "an object of tensor type -> count"),
+}
+# `accuracy` (the export's parity check): these three are required together, each a finite number in its range.
+_ACCURACY_REQUIRED = {
+    "top1_agreement": (lambda v: is_finite_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+    "perplexity": (lambda v: is_finite_number(v) and v > 0, "a positive number"),
+    "reference_perplexity": (lambda v: is_finite_number(v) and v > 0, "a positive number"),
+}
+_ACCURACY_OPTIONAL = {
+    "text_tokens": (lambda v: is_int(v) and v >= 0, "a non-negative integer"),
+    "max_nll_difference": (lambda v: is_finite_number(v) and v >= 0, "a non-negative number"),
+}
+
+
+def check_quantization(quantization: dict, where: str) -> None:
+    """Raise BundleError unless each known field of a model's `quantization` object (absent or null is fine) has
+    the type and range the runtime and the exporter expect (`accuracy_level` an integer 0..4, ...)."""
+    for key, (ok, what) in _QUANTIZATION_FIELDS.items():
+        value = quantization.get(key)
+        if value is not None and not ok(value):
+            raise BundleError(f"{where}: quantization.{key} must be {what}, got {short_repr(value)}")
+
+
+def check_accuracy(accuracy: dict, where: str) -> None:
+    """Raise BundleError unless a model's `accuracy` object is empty (no parity check was run) or holds
+    top1_agreement, perplexity and reference_perplexity as finite numbers in range (other known fields typed)."""
+    if not accuracy:
+        return
+    for key, (ok, what) in _ACCURACY_REQUIRED.items():
+        if key not in accuracy:
+            raise BundleError(f"{where}: accuracy.{key} is missing (an accuracy object holds "
+                              f"{', '.join(_ACCURACY_REQUIRED)})")
+        if not ok(accuracy[key]):
+            raise BundleError(f"{where}: accuracy.{key} must be {what}, got {short_repr(accuracy[key])}")
+    for key, (ok, what) in _ACCURACY_OPTIONAL.items():
+        if accuracy.get(key) is not None and not ok(accuracy[key]):
+            raise BundleError(f"{where}: accuracy.{key} must be {what}, got {short_repr(accuracy[key])}")
 
 
 def _self_speculation(root: Path, value, where: str, check_files: bool) -> dict:
@@ -316,16 +371,64 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Replace `path` by `data`: a temporary file in the same folder, fsynced, then os.replace (the old file stays
-    intact if anything fails, and no temporary file is left behind)."""
+    intact if anything fails, and no temporary file is left behind). The new file has mode 0600 (mkstemp's)."""
+    with atomic_writer(path) as f:
+        f.write(data)
+
+
+# A temporary file of an atomic write that is older than this was left by a writer killed mid-write (kill -9, power
+# loss): the next atomic write of the same file removes it. A live writer touches its file far more often.
+STALE_TEMP_SECONDS = 60.0
+
+
+def temp_name_pattern(prefix: str, suffix: str) -> re.Pattern:
+    """The names `tempfile.mkstemp(prefix=prefix, suffix=suffix)` gives (its random part: 8 characters of
+    [a-z0-9_]), and no other name."""
+    return re.compile(re.escape(prefix) + r"[a-z0-9_]{8}" + re.escape(suffix))
+
+
+def remove_stale_temps(folder: str | os.PathLike, prefix: str, suffix: str,
+                       older_than: float = STALE_TEMP_SECONDS, now: float | None = None) -> list[Path]:
+    """Remove the temporary files of an atomic write in `folder` (names as `temp_name_pattern`) that were last
+    modified over `older_than` seconds ago: what a writer killed mid-write left. Only regular files are removed;
+    errors (a file another process removed first, a read-only folder) are ignored. Returns the files removed."""
+    pattern = temp_name_pattern(prefix, suffix)
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not pattern.fullmatch(entry.name):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > older_than:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, prefix: str | None = None, suffix: str = ".tmp"):
+    """A binary file object whose content replaces `path` atomically when the block ends without an exception
+    (written to a temporary file `<prefix><random><suffix>` in the same folder, fsynced, then os.replace); on an
+    exception the temporary file is removed and `path` is left as it was. Stale temporary files of earlier writers
+    of `path` that were killed mid-write (`remove_stale_temps`) are removed first. The file has mode 0600."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    prefix = path.name + "." if prefix is None else prefix
+    remove_stale_temps(path.parent, prefix, suffix)
+    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise

@@ -7,6 +7,7 @@ stages their K/V; `commit(keep)` then keeps the accepted ones. Prefill runs in c
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -39,6 +40,16 @@ def make_session(path: str, threads: int | None = None) -> ort.InferenceSession:
         return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises several exception types for unreadable graphs
         raise BundleError(f"cannot load ONNX graph {path}: {exc}") from None
+
+
+_PAST_INPUT = re.compile(r"past_(?:key|value)_(\d+)")
+
+
+def graph_kv_layers(input_names) -> int:
+    """The layers a graph declares past key/value inputs for: one more than the largest N of its `past_key_N` /
+    `past_value_N` inputs (0 without any)."""
+    layers = [int(m.group(1)) for name in input_names if (m := _PAST_INPUT.fullmatch(name))]
+    return max(layers) + 1 if layers else 0
 
 
 @dataclass
@@ -78,6 +89,14 @@ class ModelRunner:
         missing = [n for n in expected if n not in names]
         if missing:
             raise BundleError(f"graph {e.graph_path} lacks inputs {missing[:4]}: it does not match the manifest")
+        graph_layers = graph_kv_layers(names)
+        if graph_layers != e.num_layers:
+            raise BundleError(f"graph {e.graph_path} has past key/value inputs for {graph_layers} layers but the "
+                              f"manifest's num_layers is {e.num_layers}: the graph does not match the manifest")
+        optional = {"layer_gates", "draft_head"} | ({"attention_bias_local"} if e.has_sliding_layers else set())
+        unknown = sorted(set(names) - set(expected) - optional)
+        if unknown:
+            raise BundleError(f"graph {e.graph_path} has inputs the runtime does not feed: {unknown[:4]}")
         shape = names["past_key_0"].shape
         if shape[1] != e.num_kv_heads or shape[3] != e.head_dim:
             raise BundleError(f"graph {e.graph_path} KV shape {shape} does not match the manifest "

@@ -8,6 +8,10 @@ and hostile paths; GGUF metadata, counts, lengths and tensor infos; npz arrays a
 function that hands the bytes (written to a file) to the loader the way the runtime or exporter does, then checks what
 was accepted (every path inside the bundle, every token id inside the vocabulary, ...).
 
+One target is no file loader: `stop` feeds stop strings and text pieces (both from the input bytes) to
+edgespec.text.StopMatcher and compares it with a naive reference at every push.
+`request` feeds HTTP request bodies to the server's parser (edgespec.server.parse_json_body, parse_request).
+
 `run_one(target, data, workdir)` classifies one input:
 
 * "accepted": the loader returned and the result passed the target's checks;
@@ -39,7 +43,7 @@ from typing import Callable
 
 import numpy as np
 
-TARGET_NAMES = ("gguf", "manifest", "tokenizer", "ngram", "crossvocab", "profile", "history")
+TARGET_NAMES = ("gguf", "manifest", "tokenizer", "ngram", "crossvocab", "profile", "history", "stop", "request")
 
 VOCAB = 96  # vocabulary of the cache and history targets
 FINGERPRINT = "0123456789abcdef"
@@ -919,6 +923,208 @@ def history_load(path: Path, workdir: Path) -> None:
         build_example(i, record, tok, tok, bos=None, mapped_weight=0.5)  # what `edgespec adapt` does with it
 
 
+# -- stop strings ------------------------------------------------------------------------------------------------
+# An input is UTF-8 (bad bytes replaced): sections split at NUL; the first is the generated text, cut into the pieces
+# pushed one by one at each \x01 (the markers removed), the others are the stop strings. The matcher
+# (edgespec.text.StopMatcher) must refuse exactly the stop sets over its limits, and otherwise agree with a naive
+# reference at every push: emitted text = the text so far minus its longest suffix that is a proper prefix of a stop
+# string, and the first stop string to end (ties: the longest) cuts the text.
+STOP_SEP, STOP_CUT = "\x00", "\x01"
+STOP_CHECKED_PUSHES = 64  # pushes checked against the reference one by one (the final result always is)
+
+
+def stop_encode(text_pieces: list[str], stops: list[str]) -> bytes:
+    return STOP_SEP.join([STOP_CUT.join(text_pieces), *stops]).encode("utf-8", "surrogatepass")
+
+
+def stop_decode(data: bytes) -> tuple[list[str], list[str]]:
+    text, *stops = data.decode("utf-8", "replace").split(STOP_SEP)
+    return text.split(STOP_CUT), stops
+
+
+def stop_seeds(folder: Path) -> list[bytes]:
+    from edgespec.text import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    long_stop = ("ab" * MAX_STOP_CHARS)[:MAX_STOP_CHARS]
+    return [
+        stop_encode(["Hello", " wor", "ld\n", "\nUs", "er: more"], ["\n\nUser:", "</s>"]),
+        stop_encode(["a\n", "\nUs", "age", "\n"], ["\n\nUser:"]),
+        stop_encode(["xa", "bcd", "bc"], ["abcd", "bc", "b", "ab"]),
+        stop_encode(["aaaa", "aaab", "aab", "a"], ["aab", "aaab", "aaaab"]),
+        stop_encode(["caf\u00e9 \u65e5", "\u672c \U0001F600", "<|im_end|>x"], ["<|im_end|>", "\U0001F600 <"]),
+        stop_encode([long_stop[:700], long_stop[700:], "x"], [long_stop, "ba" * 10]),
+        stop_encode(["no stop here"], []),
+        stop_encode(["s07", "s1", "5 end"], [f"s{i:02d}" for i in range(MAX_STOP_STRINGS)]),
+    ]
+
+
+def stop_structured(data: bytes, rng) -> bytes:
+    """A stop set or text edited: a stop made from a piece of the text (so it matches), one at or over the length
+    limit, many stops, an empty one, a repeated one, the text made of a stop's prefixes, cuts moved."""
+    from edgespec.text import MAX_STOP_CHARS, MAX_STOP_STRINGS
+
+    pieces, stops = stop_decode(data)
+    text = "".join(pieces)
+    kind = rng.int(0, 7)
+    if kind == 0 and text:
+        a = rng.int(0, len(text) - 1)
+        stops.append(text[a:a + rng.int(1, 12)])
+    elif kind == 1:
+        stops.append(("xy" * MAX_STOP_CHARS)[:MAX_STOP_CHARS + rng.int(-1, 1)])
+    elif kind == 2:
+        stops += [f"q{i}" for i in range(MAX_STOP_STRINGS + rng.int(-2, 2))]
+    elif kind == 3:
+        stops.insert(rng.int(0, len(stops)), "")
+    elif kind == 4 and stops:
+        stops.append(choice(rng, stops))
+    elif kind == 5 and stops:
+        stop = choice(rng, stops)
+        text = "".join(stop[:rng.int(0, len(stop))] for _ in range(rng.int(1, 40)))
+        pieces = [text]
+    elif kind == 6 and stops:
+        text += choice(rng, stops)[:-1] if rng.int(0, 1) else choice(rng, stops)
+        pieces = [text]
+    if kind in (5, 6, 7):  # cut the text at random places
+        cuts = sorted({rng.int(0, len(text)) for _ in range(rng.int(0, 12))})
+        pieces = [text[i:j] for i, j in zip([0] + cuts, cuts + [len(text)])]
+    return stop_encode(pieces, stops)
+
+
+def stop_reference(text: str, stops: list[str]) -> tuple[int, str] | None:
+    """(end, stop) of the stop string that ends first in `text` (ties: the longest), or None."""
+    best = None
+    for s in dict.fromkeys(stops):
+        i = text.find(s)
+        if i >= 0 and (best is None or (i + len(s), -len(s)) < (best[0], -len(best[1]))):
+            best = (i + len(s), s)
+    return best
+
+
+def stop_hold(text: str, stops: list[str]) -> int:
+    """Length of the longest suffix of `text` that is a proper prefix of one of `stops` (checked naively)."""
+    longest = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
+                break
+    return longest
+
+
+def stop_load(path: Path, workdir: Path) -> None:
+    from edgespec.text import MAX_STOP_CHARS, MAX_STOP_STRINGS, StopMatcher
+
+    pieces, stops = stop_decode(path.read_bytes())
+    over = (len(stops) > MAX_STOP_STRINGS or any(not s for s in stops)
+            or any(len(s) > MAX_STOP_CHARS for s in stops))
+    try:
+        matcher = StopMatcher(stops)
+    except ValueError as exc:
+        check(over, f"refused a valid stop set: {exc}")
+        raise Refused(f"{path}: {exc}") from None
+    check(not over, "accepted a stop set over the limits")
+    text = "".join(pieces)
+    found = stop_reference(text, stops)
+    emitted, so_far = "", ""
+    for number, piece in enumerate(pieces):
+        emitted += matcher.push(piece)
+        so_far += piece
+        if matcher.stopped or number >= STOP_CHECKED_PUSHES:
+            continue
+        check(found is None or found[0] > len(so_far), "stopped late")
+        check(emitted == so_far[:len(so_far) - stop_hold(so_far, stops)], f"push {number}: emitted {emitted!r}")
+    if found is None:
+        check(not matcher.stopped and matcher.stop_string is None, "stopped without a stop string in the text")
+        check(emitted + matcher.flush() == text == matcher.text, "text lost or changed without a stop")
+    else:
+        end, stop = found
+        check(matcher.stopped and matcher.stop_string == stop, f"stop {matcher.stop_string!r}, expected {stop!r}")
+        check(emitted == matcher.text == text[:end - len(stop)], "text before the stop differs")
+        check(matcher.flush() == "" and matcher.push("more") == "", "text after the stop")
+
+
+# -- server request bodies ---------------------------------------------------------------------------------------
+# The bytes are an HTTP request body as `edgespec serve` receives it: `parse_json_body` (size, value count,
+# nesting, JSON) then `parse_request` (every field checked and bounded). A refusal must be a 400/404/413 with a short
+# message (never an echo of the input); an accepted request must be within every limit.
+REQUEST_MODEL = "tiny"
+
+
+def request_seeds(folder: Path) -> list[bytes]:
+    bodies = [
+        {"model": REQUEST_MODEL, "messages": [{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": "What is Berlin?", "name": "ann"}],
+         "max_tokens": 24, "temperature": 0.7, "top_p": 0.9, "seed": 7, "stop": ["\n\n", "User:"], "user": "u1"},
+        {"model": REQUEST_MODEL, "messages": [{"role": "developer", "content": [{"type": "text", "text": "Hi"}]},
+                                              {"role": "assistant", "content": None}, {"role": "user", "content": ""}],
+         "stream": True, "stream_options": {"include_usage": True}, "max_completion_tokens": 3, "n": 1},
+        {"model": REQUEST_MODEL, "prompt": "def add(a, b):", "max_tokens": 16, "stop": "\n", "top_k": 40,
+         "ignore_eos": True, "logprobs": None, "echo": False, "frequency_penalty": 0},
+        {"model": REQUEST_MODEL, "prompt": [[1, 2, 3, 4]], "max_tokens": 256, "temperature": 2},
+        {"model": REQUEST_MODEL, "prompt": ["caf\u00e9 \U0001F600"], "response_format": {"type": "text"}},
+    ]
+    return [json.dumps(b).encode() for b in bodies]
+
+
+def request_structured(data: bytes, rng) -> bytes:
+    """A field set at, just under or just over its limit (messages, content, content parts, names, stop strings,
+    prompt text and token ids, the body's value count), or to a hostile value."""
+    from edgespec import server as srv
+
+    body = json.loads(data)
+    limit = choice(rng, (-1, 0, 1))
+    kind = rng.int(0, 7)
+    if kind == 0:
+        body["messages"] = [{"role": "user", "content": "x"}] * (srv.MAX_MESSAGES + limit)
+    elif kind == 1:
+        body["messages"] = [{"role": "user", "content": "y" * (srv.MAX_TEXT_CHARS + limit)}]
+    elif kind == 2:
+        body["messages"] = [{"role": "user", "content": [{"type": "text", "text": "z"}] * (srv.MAX_CONTENT_PARTS
+                                                                                          + limit)}]
+    elif kind == 3:
+        body["stop"] = ["s" * (srv.MAX_STOP_CHARS + limit)] * rng.int(1, srv.MAX_STOP_STRINGS + 1)
+    elif kind == 4:
+        body["prompt"] = [1] * (srv.MAX_PROMPT_IDS + limit) if rng.int(0, 1) else "p" * (srv.MAX_TEXT_CHARS + limit)
+    elif kind == 5:
+        body[choice(rng, ("user", "model"))] = "u" * (srv.MAX_NAME_CHARS + limit)
+    elif kind == 6:
+        body["prompt"] = [0] * (srv.MAX_JSON_VALUES + limit - 3)  # the value count around its limit
+    else:
+        name = choice(rng, ("temperature", "top_p", "top_k", "seed", "max_tokens", "n", "stream", "stream_options",
+                            "stop", "messages", "prompt", "user", "logit_bias", "tools"))
+        body[name] = _replacement(rng, body.get(name))
+    return dump_json(body, rng)
+
+
+def request_load(path: Path, workdir: Path) -> None:
+    from edgespec import server as srv
+    from edgespec.sampling import GenerationConfig
+
+    raw = path.read_bytes()
+    kind = "chat" if b'"messages"' in raw else "completion"
+    try:
+        spec = srv.parse_request(srv.parse_json_body(raw), kind, REQUEST_MODEL, 256, 16)
+    except srv.APIError as exc:
+        check(exc.status in (400, 404, 413), f"HTTP {exc.status} for a bad request")
+        check(len(exc.message) <= 1000, f"an error message of {len(exc.message)} characters (an echoed input?)")
+        json.dumps(exc.body())
+        raise Refused(f"{path.name}: HTTP {exc.status} {exc.code} ({exc.param}): {exc.message}") from None
+    check(spec.kind == kind, "kind")
+    if kind == "chat":
+        check(1 <= len(spec.messages) <= srv.MAX_MESSAGES, f"{len(spec.messages)} messages")
+        check(all(m["role"] in srv.ROLES and isinstance(m["content"], str) for m in spec.messages), "a message")
+        check(sum(len(m["content"]) for m in spec.messages) <= srv.MAX_TEXT_CHARS, "content over the limit")
+    elif isinstance(spec.prompt, str):
+        check(len(spec.prompt) <= srv.MAX_TEXT_CHARS, "prompt over the limit")
+    else:
+        check(0 < len(spec.prompt) <= srv.MAX_PROMPT_IDS and all(type(t) is int for t in spec.prompt), "token ids")
+    stops = spec.options["stop"]
+    check(len(stops) <= srv.MAX_STOP_STRINGS and all(0 < len(s) <= srv.MAX_STOP_CHARS for s in stops), "stops")
+    check(1 <= spec.options["max_new_tokens"] <= 256, "max_new_tokens")
+    check(spec.user is None or len(spec.user) <= srv.MAX_NAME_CHARS, "user")
+    GenerationConfig(**spec.options).validate()
+
+
 # -- the table ---------------------------------------------------------------------------------------------------
 def _clean_classes(name: str) -> tuple[type, ...]:
     if name == "gguf":
@@ -932,7 +1138,7 @@ def _clean_classes(name: str) -> tuple[type, ...]:
         return (BundleError,)
     if name == "tokenizer":
         return (ValueError,)
-    if name in ("ngram", "crossvocab", "history"):
+    if name in ("ngram", "crossvocab", "history", "stop", "request"):
         return (Refused,)
     if name == "profile":
         from edgespec.devices.profile import ProfileError
@@ -955,6 +1161,8 @@ def get_target(name: str) -> Target:
             "crossvocab": ("crossvocab.npz", crossvocab_seeds, crossvocab_load, (npz_structured,), None),
             "profile": ("profile.json", profile_seeds, profile_load, (json_mutation,), None),
             "history": ("history.jsonl", history_seeds, history_load, (jsonl_structured,), None),
+            "stop": ("stop.bin", stop_seeds, stop_load, (stop_structured,), None),
+            "request": ("request.json", request_seeds, request_load, (json_mutation, request_structured), None),
         }[name]
         file_name, seeds, load, structured, setup = spec
         target = Target(name, file_name, seeds, load, _clean_classes(name), structured, setup)

@@ -9,8 +9,7 @@ import sys
 
 import pytest
 
-from edgespec.history import (HistoryWarning, SessionLog, default_history_path, history_enabled, newest_half,
-                              read_history)
+from edgespec.history import HistoryWarning, SessionLog, default_history_path, history_enabled, read_history, trim_start
 
 
 def _append(log: SessionLog, i: int) -> None:
@@ -32,8 +31,9 @@ def test_default_path_without_env_is_under_the_home_cache(tmp_path, monkeypatch)
     assert path.name.startswith("b--") and "/" not in path.name and path.suffix == ".jsonl"
 
 
-@pytest.mark.parametrize("value,enabled", [(None, True), ("1", True), ("on", True), ("0", False), ("off", False),
-                                           ("OFF", False), ("false", False), (" False ", False)])
+@pytest.mark.parametrize("value,enabled", [(None, False), ("", False), ("1", True), ("on", True), ("YES", True),
+                                           (" True ", True), ("0", False), ("off", False), ("OFF", False),
+                                           ("false", False), (" False ", False), ("no", False)])
 def test_history_enabled_follows_the_env(monkeypatch, value, enabled):
     if value is None:
         monkeypatch.delenv("EDGESPEC_HISTORY", raising=False)
@@ -119,10 +119,20 @@ def test_a_record_bigger_than_the_cap_still_goes_in_alone(tmp_path):
     assert [len(r["prompt"]) for r in read_history(log.path)] == [500]
 
 
-def test_newest_half():
-    assert newest_half([]) == [] and newest_half([b"a"]) == []
-    assert newest_half([b"a", b"b", b"c", b"d"]) == [b"c", b"d"]
-    assert newest_half([b"a", b"b", b"c", b"d", b"e"]) == [b"d", b"e"]
+def test_history_enabled_refuses_other_values(monkeypatch):
+    monkeypatch.setenv("EDGESPEC_HISTORY", "maybe")
+    with pytest.raises(ValueError, match="EDGESPEC_HISTORY='maybe' is neither on"):
+        history_enabled()
+
+
+@pytest.mark.parametrize("data,keep,start", [
+    (b"", 10, 0), (b"aa\nbb\ncc\n", 100, 0), (b"aa\nbb\ncc\n", 6, 3), (b"aa\nbb\ncc\n", 5, 6),
+    (b"aa\nbb\ncc\n", 3, 6), (b"aa\nbb\ncc\n", 2, 9), (b"aa\nbb\ncc\n", 0, 9), (b"aa\nbb\ncc", 4, 6),
+    (b"aaaaaa", 3, 6)])
+def test_trim_start_is_the_first_whole_line_within_keep(tmp_path, data, keep, start):
+    import io
+
+    assert trim_start(io.BytesIO(data), len(data), keep) == start
 
 
 def test_bad_max_bytes():

@@ -538,7 +538,7 @@ def _serve(bundle, tmp_path, *extra) -> tuple[subprocess.Popen, str]:
 
 
 def test_sigterm_during_a_request_exits_0_and_keeps_the_ngram_cache(bundle, tmp_path):
-    proc, url = _serve(bundle, tmp_path)
+    proc, url = _serve(bundle, tmp_path, "--shared-cache")  # the persistent n-gram cache is opt-in (issue 19)
     try:
         body = {"model": MODEL, "prompt": "The quick brown fox", "max_tokens": 200, "temperature": 0,
                 "stream": True, "ignore_eos": True}
