@@ -30,8 +30,9 @@ from typing import Callable
 
 import numpy as np
 
-from ..runtimes.manifest import (Manifest, ModelEntry, is_finite_number, is_int, read_json_capped, short_repr as _r,
-                                 write_json_atomic)
+from ..runtimes.checks import is_finite_number, is_int, short_repr as _r
+from ..runtimes.files import read_json_capped, write_json_atomic
+from ..runtimes.manifest import Manifest, ModelEntry
 from .memory import available_memory_mb, model_file_bytes, process_rss_mb, total_memory_mb
 
 FORMAT = "edgespec-device-profile"

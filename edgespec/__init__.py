@@ -15,9 +15,8 @@ __version__ = "0.1.0"
 from .devices.memory import MemoryBudgetError  # noqa: E402
 from .devices.profile import DeviceProfile, ProfileError  # noqa: E402
 from .chat import ChatTemplateError  # noqa: E402
-from .drafting import Drafter, DraftTree, VerifiedStep  # noqa: E402
-from .engine import (CancelFlag, Engine, GenerationResult, GenerationStats, SpeculationConfig, TextStream,  # noqa: E402
-                     load)
+from .drafters import Drafter, DraftTree, SpeculationConfig, VerifiedStep  # noqa: E402
+from .engine import CancelFlag, Engine, GenerationResult, GenerationStats, TextStream, load  # noqa: E402
 from .runtimes.manifest import BundleError  # noqa: E402
 from .runtimes.runner import ContextOverflow  # noqa: E402
 from .sampling import GenerationConfig  # noqa: E402

@@ -9,6 +9,7 @@ import sys
 
 from .cliargs import (MAX_SEED, MAX_TOKENS, at_most, bounded_float, bounded_int, bounded_text, new_or_regular_file,
                       not_special_file, regular_file, threads_arg)
+from .drafters.config import DEFAULT_DRAFT_BUDGET, SpeculationConfig
 from .text import MAX_STOP_CHARS
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime, with a short docstring."
@@ -73,14 +74,15 @@ def _load_engine(args):
     """The engine for `generate`/`chat`, with the drafting options."""
     from .engine import load
 
-    cache = False if args.no_ngram_cache else args.ngram_cache
     if args.device == "auto":
         _announce_profiling(args)
+    speculation = SpeculationConfig(drafter=None if args.drafter == "none" else args.drafter,
+                                    draft_budget=args.draft_budget, tree=args.tree,
+                                    device=None if args.device == "none" else args.device,
+                                    ngram_cache=False if args.no_ngram_cache else args.ngram_cache,
+                                    ngram_static=args.ngram_static)
     return load(args.bundle, threads=args.threads, max_context=args.max_context,
-                drafter=None if args.drafter == "none" else args.drafter, draft_budget=args.draft_budget,
-                ngram_cache=cache, ngram_static=args.ngram_static,
-                history=history_choice(args.history, args.no_history, os.environ),
-                device=None if args.device == "none" else args.device, tree=args.tree)
+                history=history_choice(args.history, args.no_history, os.environ), speculation=speculation)
 
 
 def history_choice(on: bool, off: bool, environ) -> "bool | None":
@@ -257,7 +259,7 @@ def _add_generation_args(p) -> None:
                         "self[:exit=E|skip=a,b|layers=a-b] (the target with layers skipped), cross[:NAME] (a drafter "
                         "with another tokenizer), stages joined by '>' (ngram>draft, ngram>cross), or none (plain "
                         "decoding). Output is the same either way")
-    p.add_argument("--draft-budget", type=bounded_int(0, MAX_DRAFT_BUDGET), default=16,
+    p.add_argument("--draft-budget", type=bounded_int(0, MAX_DRAFT_BUDGET), default=DEFAULT_DRAFT_BUDGET,
                    help=f"most draft tree nodes per step, 0 to {MAX_DRAFT_BUDGET} (0: no drafting)")
     _add_device_args(p)
     p.add_argument("--ngram-cache", type=new_or_regular_file, default=None, metavar="PATH",
@@ -346,7 +348,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench_arguments(p)
     p.set_defaults(func=cmd_bench)
 
-    from .ngram import register_cli as ngram_cli
+    from .drafters.ngram_static import register_cli as ngram_cli
 
     ngram_cli(sub)
     from .export.adapt import register_cli as adapt_cli  # adapt, add-drafter (torch only when they run)
@@ -374,7 +376,7 @@ def missing_extra(exc: ImportError) -> "str | None":
 def _expected_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that mean bad input or a bad file (reported in one line), not a bug (a traceback)."""
     from .export.sources import SourceError
-    from .ngram import CacheFileError
+    from .drafters.cachefile import CacheFileError
 
     return ValueError, OSError, RuntimeError, SourceError, CacheFileError
 

@@ -21,7 +21,9 @@ import numpy as np
 
 from .budget import Calibration, ProfileCost, VerifyCost, choose_nodes
 from .chat import render_chat
-from .drafting import DraftTree, Drafter, VerifiedStep
+from .drafters.base import DraftTree, Drafter, VerifiedStep
+from .drafters.config import DEFAULT_DRAFT_BUDGET, SpeculationConfig
+from .drafters.factory import DrafterContext, make_drafter
 from .planner import Planner, StepPrediction, fit_to_shape, fixed_shape, rank_paths
 from .runtimes.manifest import BundleError, Manifest, ModelEntry, load_manifest
 from .runtimes.runner import ContextOverflow, ModelRunner, default_threads
@@ -105,30 +107,6 @@ class CancelFlag(Protocol):
     """Anything with `is_set()`, such as a `threading.Event`: generation stops once it returns True."""
 
     def is_set(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class SpeculationConfig:
-    """How an engine drafts and verifies: the arguments of `edgespec.load` that shape speculation, in one object.
-
-    `drafter`: "ngram" (default), None / "none" (plain decoding), a drafter model of the bundle ("draft",
-    "draft:NAME", "cross", "cross:NAME", "self"; staged specs such as "ngram>draft") or a `Drafter` instance. `draft_budget`: the
-    most draft nodes verified per step. `tree`: "auto", "plan", "scores", "chain:K" or "tree:WxD". `device`: a device
-    profile (None, "auto", a name, a file or a DeviceProfile). `ngram_cache` / `ngram_static`: the n-gram drafter's
-    persistent cache and static tier. Speculation never changes greedy output and keeps sampling lossless.
-
-    >>> spec = edgespec.SpeculationConfig(drafter="ngram", tree="plan", device="auto")   # doctest: +SKIP
-    >>> engine = edgespec.load("bundles/qwen", speculation=spec)                           # doctest: +SKIP
-    >>> engine.speculation.tree                                                            # doctest: +SKIP
-    'plan'
-    """
-
-    drafter: "str | Drafter | None" = "ngram"
-    draft_budget: int = 16
-    tree: str = "auto"
-    device: "str | os.PathLike | DeviceProfile | None" = None
-    ngram_cache: "str | os.PathLike | bool | None" = None
-    ngram_static: "str | os.PathLike | None" = None
 
 
 class _Cancel:
@@ -232,9 +210,15 @@ class Engine:
     """
 
     def __init__(self, manifest: Manifest, threads: int | None = None, max_context: int | None = None,
-                 model: str | None = None, drafter: "str | Drafter | None" = None, draft_budget: int = 16,
-                 ngram_cache=None, ngram_static=None, history=None, device=None, tree: str = "auto", *,
+                 model: str | None = None, speculation: SpeculationConfig | None = None, history=None, *,
                  session=None):
+        """`speculation`: the drafter, budget, tree policy, device profile and n-gram caches (default: plain
+        decoding with the default budget, tree policy and no profile); see `edgespec.load`."""
+        if speculation is None:
+            speculation = SpeculationConfig(drafter=None)
+        elif not isinstance(speculation, SpeculationConfig):
+            raise TypeError(f"speculation must be a SpeculationConfig, got {type(speculation).__name__}")
+        tree, draft_budget = speculation.tree, speculation.draft_budget
         self._manifest = manifest
         self.entry: ModelEntry = manifest.models[model] if model else manifest.target_model
         self.threads = threads or default_threads()
@@ -250,7 +234,7 @@ class Engine:
         self._fixed_paths = None if tree in TREE_POLICIES else frozenset(rank_paths(fixed_shape(tree)))
         # the device profile (measured verification costs) drives the tree plan; without one, costs are measured as
         # we go
-        self.profile = _resolve_profile(device, manifest, self.entry, self.threads)
+        self.profile = _resolve_profile(speculation.device, manifest, self.entry, self.threads)
         if session is None:  # a shared session (Engine.variant) loads no weights
             _check_memory(manifest, [self.entry], max_context, self.profile)
         self._runner = ModelRunner(self.entry, threads=self.threads, max_context=max_context, session=session)
@@ -258,7 +242,7 @@ class Engine:
         self._lock = threading.Lock()  # one generation at a time: other threads wait for it
         self._owner: int | None = None  # the thread holding the lock (its second generation would deadlock)
         self._running: _Cancel | None = None  # the stop signals of the generation running now
-        self._ngram_files = (ngram_cache, ngram_static)  # as given (the other speculation settings are derived)
+        self._ngram_files = (speculation.ngram_cache, speculation.ngram_static)  # as given (the rest is derived)
         self._closed = False
         self.last_stats: GenerationStats | None = None
         self._warned_no_template = False
@@ -270,7 +254,10 @@ class Engine:
         self._replaying = False  # this step verifies the replay
         self._steps_to_plain = 0  # speculative steps until the next plain (one-token) step is measured
         self._calibration = Calibration()  # how the drafter's acceptance estimates compare with what happens
-        self.drafter: Drafter | None = make_drafter(drafter, self, ngram_cache=ngram_cache, ngram_static=ngram_static)
+        # what the drafter factory knows of this engine (built once; never its private fields)
+        self._drafter_context = DrafterContext(manifest, self.entry, self.tokenizer, self.threads, self.context_length,
+                                               self.profile, self._verify_cost.cost, self._runner)
+        self.drafter: Drafter | None = make_drafter(speculation, self._drafter_context)
         self._planner: Planner | None = self._make_planner()
         self._warn_if_inexact_verification()
         self._history = _session_log(history, manifest.root, self.entry.name)
@@ -397,13 +384,11 @@ class Engine:
             self._closed = True
             stage = self.drafter
             while stage is not None:  # the drafter and its first stages
-                save = getattr(stage, "save", None)
-                if callable(save):
-                    try:
-                        save()
-                    except OSError as exc:
-                        warnings.warn(f"drafter {stage.name!r} cache not saved: {exc}", UserWarning, stacklevel=2)
-                stage = getattr(stage, "stage", None)
+                try:
+                    stage.save()
+                except OSError as exc:
+                    warnings.warn(f"drafter {stage.name!r} cache not saved: {exc}", UserWarning, stacklevel=2)
+                stage = stage.stage
             self.drafter = self._planner = None
             self._runner = None  # the sessions go with the last reference
 
@@ -427,8 +412,8 @@ class Engine:
             if self.drafter is not None:
                 self.drafter.reset()
 
-    def variant(self, drafter: "str | Drafter | None" = "ngram", *, draft_budget: int | None = None,
-                device: "str | os.PathLike | DeviceProfile | None" = None, tree: str = "auto",
+    def variant(self, drafter: "str | Drafter | None" = SpeculationConfig.drafter, *, draft_budget: int | None = None,
+                device: "str | os.PathLike | DeviceProfile | None" = None, tree: str = SpeculationConfig.tree,
                 ngram_cache: "str | os.PathLike | bool | None" = None,
                 ngram_static: "str | os.PathLike | None" = None) -> "Engine":
         """A second engine over this one's loaded target: the ONNX Runtime session (the weights) is shared, while
@@ -443,21 +428,24 @@ class Engine:
         True
         """
         self._check_open()
-        return Engine(self._manifest, threads=self.threads, max_context=self.context_length,
-                      model=self.entry.name, drafter=drafter,
-                      draft_budget=self._draft_budget if draft_budget is None else draft_budget,
-                      ngram_cache=ngram_cache, ngram_static=ngram_static, history=False, device=device, tree=tree,
-                      session=self._runner.session)
+        speculation = SpeculationConfig(drafter, self._draft_budget if draft_budget is None else draft_budget, tree,
+                                        device, ngram_cache, ngram_static)
+        return Engine(self._manifest, threads=self.threads, max_context=self.context_length, model=self.entry.name,
+                      speculation=speculation, history=False, session=self._runner.session)
 
     def set_drafter(self, drafter: "str | Drafter | None", **options) -> None:
         """Switch drafting: None or "none" (plain decoding), "ngram", a drafter model spec (as `load`), or any
         Drafter instance. Waits for a running generation."""
         with self._exclusive():
             self._check_open()
-            self.drafter = make_drafter(drafter, self, **options)
+            unknown = set(options) - {"ngram_cache", "ngram_static"}
+            if unknown:
+                raise TypeError(f"set_drafter() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
+            speculation = SpeculationConfig(drafter, self._draft_budget, self._tree, None, **options)
+            self.drafter = make_drafter(speculation, self._drafter_context)
             self._calibration = Calibration()  # what was learnt about the previous drafter's estimates is dropped
             self._planner = self._make_planner()
-            self._ngram_files = (options.get("ngram_cache"), options.get("ngram_static"))
+            self._ngram_files = (speculation.ngram_cache, speculation.ngram_static)
         self._warn_if_inexact_verification()
 
     @property
@@ -475,11 +463,11 @@ class Engine:
 
     def _make_planner(self) -> Planner | None:
         planned = self.drafter is not None and self.tree_policy == "plan"
-        if self.drafter is not None and callable(getattr(self.drafter, "planned", None)):
+        if self.drafter is not None:
             self.drafter.planned(planned)
         if not planned:
             return None
-        dynamic = bool(getattr(self.drafter, "dynamic", False))
+        dynamic = bool(self.drafter.dynamic)
         return Planner(self._verify_seconds, self._draft_seconds if dynamic else None,
                        max_nodes=min(self._draft_budget, 64), dynamic=dynamic)
 
@@ -509,11 +497,11 @@ class Engine:
     def _draft_seconds(self, depth: int, nodes: int) -> float:
         """A model drafter's time for a tree `depth` deep: one forward per level (measured online, else from the
         device profile's drafter measurements)."""
-        per_forward = getattr(getattr(self.drafter, "forward_cost", None), "seconds", None)
-        if per_forward is None and self.profile is not None:
-            entry = getattr(getattr(self.drafter, "runner", None), "entry", None)
-            if entry is not None and entry.name != self.entry.name:
-                per_forward = self.profile.drafter_seconds(entry.name, 4)
+        cost, runner = self.drafter.forward_cost, self.drafter.runner
+        per_forward = cost.seconds if cost is not None else None
+        if per_forward is None and self.profile is not None and runner is not None:
+            if runner.entry.name != self.entry.name:
+                per_forward = self.profile.drafter_seconds(runner.entry.name, 4)
         return depth * per_forward if per_forward else 0.0
 
     def _warn_if_inexact_verification(self) -> None:
@@ -820,151 +808,12 @@ class Engine:
         return finish
 
 
-def make_drafter(spec: "str | Drafter | None", engine: Engine, ngram_cache=None, ngram_static=None) -> Drafter | None:
-    """The drafter for `spec`.
-
-    * None / "none": plain decoding; a Drafter instance is used as is.
-    * "ngram": the n-gram caches (context, session, recycling, persistent and static tiers). `ngram_cache`: None =
-      the default persistent cache file for this bundle (under $EDGESPEC_NGRAM_DIR, default ~/.cache/edgespec/ngram),
-      False = none, or a path; `ngram_static`: a cache built by `edgespec ngram build`.
-    * "draft" or "draft:NAME": a drafter model of the bundle sharing the target's tokenizer.
-    * "self", "self:exit=E", "self:skip=3,5,7" or "self:layers=0-13": the target itself with a subset of its
-      layers (a bundle exported with --self-speculative); plain "self" picks the layer set online. Add
-      ",head=full" to draft through the full LM head instead of the reduced one.
-    * "cross" or "cross:NAME": a drafter model with another tokenizer (OmniDraft-style cross-vocabulary drafting:
-      its text is translated into target tokens, with mappings learned online; see `edgespec.crossvocab`).
-    * Stages joined by ">" compose (staged speculation): "ngram>draft" lets the n-gram caches draft for the
-      drafter model, which drafts the tree for the target.
-    """
-    if spec is None or spec == "none":
-        return None
-    if isinstance(spec, Drafter):
-        return spec
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"drafter must be a name or a Drafter, got {spec!r}")
-    stages = [part.strip() for part in spec.split(">")]
-    drafter = None
-    for part in stages:
-        drafter = _make_stage(part, engine, drafter, ngram_cache, ngram_static)
-    return drafter
-
-
-def _make_stage(part: str, engine: Engine, stage: Drafter | None, ngram_cache, ngram_static) -> Drafter:
-    """One stage of a drafter spec, drafting on top of `stage` (None for the first)."""
-    kind, _, options = part.partition(":")
-    if kind == "ngram":
-        if stage is not None:
-            raise ValueError(f"'ngram' can only be the first stage of {part!r}")
-        from . import ngram
-
-        fingerprint = ngram.tokenizer_fingerprint(engine.entry.tokenizer_path)
-        if ngram_cache is None:
-            root = os.environ.get("EDGESPEC_NGRAM_DIR") or os.path.join(
-                os.path.expanduser("~"), ".cache", "edgespec", "ngram")
-            ngram_cache = ngram.default_cache_path(root, engine.entry.name, fingerprint)
-        return ngram.NGramDrafter(engine.entry.vocab_size, fingerprint=fingerprint,
-                                  persistent_path=ngram_cache or None, static_path=ngram_static)
-    if kind == "draft":
-        from .model_drafter import ModelDrafter
-
-        entry = _drafter_entry(engine, options or None)
-        _check_memory(engine._manifest, [engine.entry, entry], engine.context_length, engine.profile)
-        runner = ModelRunner(entry, threads=engine.threads, max_context=engine.context_length)
-        return ModelDrafter(runner, name=f"draft:{entry.name}", stage=stage, target_cost=engine._verify_cost.cost)
-    if kind == "self":
-        from .model_drafter import self_drafter
-
-        return self_drafter(engine, options, stage=stage)
-    if kind == "cross":
-        return _cross_drafter(engine, options or None, stage, ngram_cache)
-    raise ValueError(f"unknown drafter {part!r}: use 'ngram', 'draft[:NAME]', 'self[:...]', 'cross[:NAME]', stages "
-                     "joined by '>', 'none' or a Drafter instance")
-
-
-def _cross_drafter(engine: Engine, name: str | None, stage: Drafter | None, ngram_cache) -> Drafter:
-    """A drafter model with another tokenizer (OmniDraft-style cross-vocabulary drafting). A first-stage n-gram
-    drafter is rebuilt in the drafter's vocabulary (it drafts for the drafter). The learned mappings persist next
-    to the n-gram caches unless `ngram_cache` is False."""
-    from . import ngram
-    from .crossvocab import CrossVocabDrafter, open_cache, pair_fingerprint
-
-    drafters = engine._manifest.drafters()
-    if name is not None:
-        if name not in engine._manifest.models or name == engine.entry.name:
-            raise BundleError(f"bundle has no drafter {name!r} (drafters: {[d.name for d in drafters] or 'none'})")
-        entry = engine._manifest.models[name]
-    else:
-        others = [d for d in drafters if not _same_vocabulary(d, engine.entry)]
-        if not drafters:
-            raise BundleError(f"bundle {engine._manifest.root} has no drafter model: export one with "
-                              f"`edgespec export TARGET --drafter MODEL`")
-        entry = (others or drafters)[0]
-    if stage is not None and not isinstance(stage, ngram.NGramDrafter):
-        raise ValueError("a cross-vocabulary drafter takes only 'ngram' as its first stage")
-    try:
-        draft_tokenizer = Tokenizer(str(entry.tokenizer_path))
-    except ValueError as exc:
-        raise BundleError(f"drafter {entry.name!r}: {exc}") from None
-    if stage is not None:  # n-grams over the drafter's own token stream
-        stage = ngram.NGramDrafter(entry.vocab_size, fingerprint=ngram.tokenizer_fingerprint(entry.tokenizer_path),
-                                   recycling=False)
-    fingerprint = pair_fingerprint(entry.tokenizer_path, engine.entry.tokenizer_path)
-    path = None
-    if ngram_cache is not False:
-        root = os.environ.get("EDGESPEC_NGRAM_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "edgespec",
-                                                                    "ngram")
-        path = ngram.default_cache_path(root, f"{engine.entry.name}--{entry.name}-crossvocab", fingerprint)
-    cache = open_cache(path, fingerprint, entry.vocab_size, engine.entry.vocab_size)
-    _check_memory(engine._manifest, [engine.entry, entry], engine.context_length, engine.profile)
-    runner = ModelRunner(entry, threads=engine.threads, max_context=min(engine.context_length, entry.context_length))
-    return CrossVocabDrafter(runner, draft_tokenizer, engine.tokenizer, engine.entry.vocab_size,
-                             name=f"cross:{entry.name}", bos_id=entry.bos_token_id if entry.add_bos else None,
-                             cache=cache, cache_path=path, fingerprint=fingerprint, stage=stage,
-                             target_cost=engine._verify_cost.cost)
-
-
-def _drafter_entry(engine: Engine, name: str | None) -> ModelEntry:
-    """The bundle's drafter model `name` (default: the first), checked to share the target's tokenizer."""
-    drafters = engine._manifest.drafters()
-    if name is not None:
-        if name not in engine._manifest.models or name == engine.entry.name:
-            raise BundleError(f"bundle has no drafter {name!r} (drafters: {[d.name for d in drafters] or 'none'})")
-        entry = engine._manifest.models[name]
-    elif drafters:  # the first one sharing the tokenizer (others are for 'cross')
-        entry = next((d for d in drafters if _same_vocabulary(d, engine.entry)), drafters[0])
-    else:
-        raise BundleError(f"bundle {engine._manifest.root} has no drafter model: export one with "
-                          f"`edgespec export TARGET --drafter MODEL`")
-    if entry.vocab_size != engine.entry.vocab_size or not _same_vocabulary(entry, engine.entry):
-        raise BundleError(f"drafter {entry.name!r} does not share the tokenizer of {engine.entry.name!r} "
-                          f"(vocabulary {entry.vocab_size} vs {engine.entry.vocab_size}): a same-vocabulary drafter "
-                          "is needed")
-    return entry
-
-
-def _same_vocabulary(a: ModelEntry, b: ModelEntry) -> bool:
-    """True when two models' tokenizers map the same strings to the same ids (each file checked against the
-    tokenizer size cap before it is read)."""
-    from .text import check_tokenizer_file
-
-    for entry in (a, b):
-        try:
-            check_tokenizer_file(str(entry.tokenizer_path))
-        except ValueError as exc:
-            raise BundleError(f"model {entry.name!r}: {exc}") from None
-    if a.tokenizer_path.read_bytes() == b.tokenizer_path.read_bytes():
-        return True
-    from tokenizers import Tokenizer as HFTokenizer
-
-    return (HFTokenizer.from_file(str(a.tokenizer_path)).get_vocab(with_added_tokens=True)
-            == HFTokenizer.from_file(str(b.tokenizer_path)).get_vocab(with_added_tokens=True))
-
-
 def load(bundle_dir: "str | os.PathLike", threads: int | None = None, max_context: int | None = None,
-         model: str | None = None, drafter: "str | Drafter | None" = "ngram", draft_budget: int = 16,
-         ngram_cache: "str | os.PathLike | bool | None" = None, ngram_static: "str | os.PathLike | None" = None,
-         history: "str | os.PathLike | bool | None" = None, device: "str | os.PathLike | DeviceProfile | None" = None,
-         tree: str = "auto", *, speculation: SpeculationConfig | None = None) -> Engine:
+         model: str | None = None, drafter: "str | Drafter | None" = SpeculationConfig.drafter,
+         draft_budget: int = DEFAULT_DRAFT_BUDGET, ngram_cache: "str | os.PathLike | bool | None" = None,
+         ngram_static: "str | os.PathLike | None" = None, history: "str | os.PathLike | bool | None" = None,
+         device: "str | os.PathLike | DeviceProfile | None" = None, tree: str = SpeculationConfig.tree, *,
+         speculation: SpeculationConfig | None = None) -> Engine:
     """Load a bundle folder (made by `edgespec export`) and return an Engine for its target (or the named model).
 
     `threads`: ONNX Runtime intra-op threads (default: the physical cores). `max_context`: tokens of context (default:
@@ -987,21 +836,19 @@ def load(bundle_dir: "str | os.PathLike", threads: int | None = None, max_contex
     >>> engine = edgespec.load("bundles/qwen", device="auto")        # doctest: +SKIP
     >>> engine.generate("def add(a, b):", max_new_tokens=32).text   # doctest: +SKIP
     """
+    given = SpeculationConfig(drafter, draft_budget, tree, device, ngram_cache, ngram_static)  # the keyword sugar
     if speculation is not None:
         if not isinstance(speculation, SpeculationConfig):
             raise TypeError(f"speculation must be a SpeculationConfig, got {type(speculation).__name__}")
-        given = {name: value for name, value, default in (
-            ("drafter", drafter, "ngram"), ("draft_budget", draft_budget, 16), ("ngram_cache", ngram_cache, None),
-            ("ngram_static", ngram_static, None), ("device", device, None), ("tree", tree, "auto"))
-            if value is not default and value != default}
-        if given:
+        default = SpeculationConfig()
+        changed = [name for name in SpeculationConfig.__dataclass_fields__
+                   if getattr(given, name) is not getattr(default, name)
+                   and getattr(given, name) != getattr(default, name)]
+        if changed:
             raise TypeError(f"give the speculation settings either as speculation=... or as arguments, not both "
-                            f"({', '.join(sorted(given))} given too)")
-        drafter, draft_budget, tree = speculation.drafter, speculation.draft_budget, speculation.tree
-        device, ngram_cache, ngram_static = speculation.device, speculation.ngram_cache, speculation.ngram_static
+                            f"({', '.join(sorted(changed))} given too)")
     return Engine(load_manifest(bundle_dir), threads=threads, max_context=max_context, model=model,
-                  drafter=drafter, draft_budget=draft_budget, ngram_cache=ngram_cache, ngram_static=ngram_static,
-                  history=history, device=device, tree=tree)
+                  speculation=given if speculation is None else speculation, history=history)
 
 
 def _check_memory(manifest: Manifest, models: list[ModelEntry], max_context: int | None, profile) -> None:

@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable
 
-from .runtimes.manifest import atomic_writer
+from .runtimes.files import atomic_writer
 
 HISTORY_VERSION = 1
 DEFAULT_MAX_BYTES = 64 << 20  # 64 MiB

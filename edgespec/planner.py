@@ -25,7 +25,7 @@ from typing import Callable
 
 import numpy as np
 
-from .drafting import DraftTree
+from .drafters.base import DraftTree
 
 MAX_LEVELS = 12  # deepest planned node
 MAX_RANK = 4  # siblings per node a plan may use

@@ -42,7 +42,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
-from .runtimes.manifest import is_finite_number, is_int
+from .runtimes.checks import is_finite_number, is_int
 from .runtimes.runner import ContextOverflow
 from .sampling import GenerationConfig
 from .text import MAX_STOP_CHARS  # characters per stop string: the library's own limit (1,000)

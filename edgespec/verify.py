@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .drafting import DraftTree
+from .drafters.base import DraftTree
 from .sampling import GenerationConfig, process_logits, sample
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..runtimes.manifest import short_repr
+from ..runtimes.checks import short_repr
 
 SUPPORTED_ARCHITECTURES = ("qwen2", "llama", "gemma3")
 

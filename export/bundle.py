@@ -28,8 +28,8 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
-from ..runtimes.manifest import (FORMAT, SCHEMA_VERSION, _model_entry, load_manifest, manifest_from_dict,
-                                 write_json_atomic)
+from ..runtimes.files import write_json_atomic
+from ..runtimes.manifest import FORMAT, SCHEMA_VERSION, load_manifest, manifest_from_dict, model_entry
 from . import reference
 from .graph import BuildOptions, build_decoder
 from .sources import ResolvedSource, resolve
@@ -231,7 +231,7 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
     del weights
     reference.release_memory()
     if parity:
-        entry = _model_entry(root, name, d, check_files=True)
+        entry = model_entry(root, name, d, check_files=True)
         acc = _accuracy(entry, ids, ref_stats, threads)
         d["accuracy"] = acc
         log(f"[{name}] top-1 agreement {acc['top1_agreement']:.2%}, perplexity {acc['perplexity']:.3f} "

@@ -1,21 +1,19 @@
 """The bundle manifest: the single contract between the exporter and the runtime (docs/contracts.md).
 
 `load_manifest` validates everything the runtime relies on and raises `BundleError` with a specific message for
-each way a bundle can be wrong. `write_manifest` is what the exporter uses (atomic write).
+each way a bundle can be wrong. The exporter writes it with
+`runtimes.files.write_json_atomic` and checks each entry with `model_entry`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
 import os
 import re
-import stat
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .checks import is_finite_number, is_int, short_repr
+from .files import is_regular_file, read_json_capped
 
 FORMAT = "edgespec-bundle"
 SCHEMA_VERSION = 1
@@ -126,38 +124,6 @@ def _require(d: dict, key: str, kind, where: str):
     return value
 
 
-def short_repr(value, limit: int = 80) -> str:
-    """repr of a value for an error message, cut to `limit` characters (a corrupt field may be huge)."""
-    try:
-        text = repr(value)
-    except ValueError:  # an int too long to print
-        return f"<{type(value).__name__}>"
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _is_file(path: Path) -> bool:
-    """path.is_file(), False also when the name cannot even be looked up (too long, ...)."""
-    try:
-        return path.is_file()
-    except (OSError, ValueError):
-        return False
-
-
-def is_int(value) -> bool:
-    """An int that is not a bool (JSON validation)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_finite_number(value) -> bool:
-    """A finite int or float that is not a bool (JSON validation; an int too large for a float is not one)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
 def _optional(d: dict, key: str, kind, where: str, default=None):
     """d[key] when it is of `kind` (a type or tuple of types), `default` when absent or null; BundleError else."""
     value = d.get(key)
@@ -169,7 +135,9 @@ def _optional(d: dict, key: str, kind, where: str, default=None):
     return value
 
 
-def _model_entry(root: Path, name: str, d: dict, check_files: bool, manifest: str = "manifest") -> ModelEntry:
+def model_entry(root: Path, name: str, d: dict, check_files: bool, manifest: str = "manifest") -> ModelEntry:
+    """The validated ModelEntry of model `name` (its manifest object `d`) in the bundle at `root`; BundleError
+    naming what is wrong. `check_files`: also check its files exist inside the bundle."""
     where = f"{manifest} model {short_repr(name)}"
     if not isinstance(name, str) or not name:
         raise BundleError(f"{where}: a model name must be a non-empty string")
@@ -192,7 +160,7 @@ def _model_entry(root: Path, name: str, d: dict, check_files: bool, manifest: st
     tokenizer_path = _inside(root, _require(d, "tokenizer", str, where), where + " tokenizer")
     if check_files:
         for path, what in ((graph_path, "graph"), (tokenizer_path, "tokenizer")):
-            if not _is_file(path):
+            if not is_regular_file(path):
                 raise BundleError(f"{where}: {what} file {path} is missing")
     layer_types = d.get("layer_types")
     if layer_types is None:
@@ -308,7 +276,7 @@ def _self_speculation(root: Path, value, where: str, check_files: bool) -> dict:
         if not gates:
             raise BundleError(f"{where}: a draft head (draft_head_tokens) needs layer_gates")
         path = _inside(root, tokens, where + ".draft_head_tokens")
-        if check_files and not _is_file(path):
+        if check_files and not is_regular_file(path):
             raise BundleError(f"{where}: draft head token file {path} is missing")
     return {"layer_gates": gates, "draft_head_tokens": path} if gates else {}
 
@@ -327,22 +295,6 @@ def load_manifest(bundle_dir: str | os.PathLike, check_files: bool = True) -> Ma
     return manifest_from_dict(root, raw, check_files, where=str(path))
 
 
-def read_json_capped(path: Path, max_bytes: int, error: type[Exception], what: str):
-    """The parsed JSON of a file of at most `max_bytes` bytes. An unreadable or larger file, bad UTF-8, bad JSON,
-    an integer too long to read or too deep nesting raise `error` naming the file (never a raw parser error)."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)
-    except OSError as exc:
-        raise error(f"{path} cannot be read: {exc}") from None
-    if len(data) > max_bytes:
-        raise error(f"{path} is over {max_bytes >> 20} MiB: not {what}")
-    try:
-        return json.loads(data.decode("utf-8"))
-    except (ValueError, RecursionError) as exc:
-        raise error(f"{path} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}") from None
-
-
 def manifest_from_dict(root: str | os.PathLike, raw, check_files: bool = True, where: str = "manifest") -> Manifest:
     """Validate a manifest dictionary for the bundle folder `root` (what `load_manifest` does after reading the
     file); lets a writer check a manifest before it replaces the one on disk. `where` names it in errors."""
@@ -355,7 +307,7 @@ def manifest_from_dict(root: str | os.PathLike, raw, check_files: bool = True, w
     models = raw.get("models")
     if not isinstance(models, dict) or not models:
         raise BundleError(f"{where}: 'models' must be a non-empty object")
-    entries = {name: _model_entry(root, name, d, check_files, where) for name, d in models.items()}
+    entries = {name: model_entry(root, name, d, check_files, where) for name, d in models.items()}
     target = raw.get("target")
     if not isinstance(target, str) or target not in entries:
         raise BundleError(f"{where}: target {short_repr(target)} is not one of the models ({', '.join(entries)})")
@@ -364,71 +316,3 @@ def manifest_from_dict(root: str | os.PathLike, raw, check_files: bool = True, w
     return Manifest(root=root, target=target, models=entries, raw=raw)
 
 
-def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Write JSON to `path` through a temporary file and an atomic rename."""
-    write_bytes_atomic(path, json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8"))
-
-
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
-    """Replace `path` by `data`: a temporary file in the same folder, fsynced, then os.replace (the old file stays
-    intact if anything fails, and no temporary file is left behind). The new file has mode 0600 (mkstemp's)."""
-    with atomic_writer(path) as f:
-        f.write(data)
-
-
-# A temporary file of an atomic write that is older than this was left by a writer killed mid-write (kill -9, power
-# loss): the next atomic write of the same file removes it. A live writer touches its file far more often.
-STALE_TEMP_SECONDS = 60.0
-
-
-def temp_name_pattern(prefix: str, suffix: str) -> re.Pattern:
-    """The names `tempfile.mkstemp(prefix=prefix, suffix=suffix)` gives (its random part: 8 characters of
-    [a-z0-9_]), and no other name."""
-    return re.compile(re.escape(prefix) + r"[a-z0-9_]{8}" + re.escape(suffix))
-
-
-def remove_stale_temps(folder: str | os.PathLike, prefix: str, suffix: str,
-                       older_than: float = STALE_TEMP_SECONDS, now: float | None = None) -> list[Path]:
-    """Remove the temporary files of an atomic write in `folder` (names as `temp_name_pattern`) that were last
-    modified over `older_than` seconds ago: what a writer killed mid-write left. Only regular files are removed;
-    errors (a file another process removed first, a read-only folder) are ignored. Returns the files removed."""
-    pattern = temp_name_pattern(prefix, suffix)
-    now = time.time() if now is None else now
-    removed = []
-    try:
-        entries = list(os.scandir(folder))
-    except OSError:
-        return removed
-    for entry in entries:
-        if not pattern.fullmatch(entry.name):
-            continue
-        try:
-            info = entry.stat(follow_symlinks=False)
-            if stat.S_ISREG(info.st_mode) and now - info.st_mtime > older_than:
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
-        except OSError:
-            continue
-    return removed
-
-
-@contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, prefix: str | None = None, suffix: str = ".tmp"):
-    """A binary file object whose content replaces `path` atomically when the block ends without an exception
-    (written to a temporary file `<prefix><random><suffix>` in the same folder, fsynced, then os.replace); on an
-    exception the temporary file is removed and `path` is left as it was. Stale temporary files of earlier writers
-    of `path` that were killed mid-write (`remove_stale_temps`) are removed first. The file has mode 0600."""
-    path = Path(path)
-    prefix = path.name + "." if prefix is None else prefix
-    remove_stale_temps(path.parent, prefix, suffix)
-    fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise

@@ -79,10 +79,11 @@ def record_check(result: dict, check, path: Path) -> None:
 
 
 def files(folder: Path, seed: int, rounds: int) -> dict:
-    from edgespec.crossvocab import CrossVocabCache, open_cache
+    from edgespec.drafters.crossvocab import CrossVocabCache, open_cache
     from edgespec.devices.profile import DeviceProfile, load_profile
     from edgespec.history import HistoryWarning, SessionLog, read_history
-    from edgespec.ngram import NGramCacheWarning, NGramDrafter, load_cache
+    from edgespec.drafters.cachefile import NGramCacheWarning, load_cache
+    from edgespec.drafters.ngram import NGramDrafter
 
     rng = random.Random(seed)
     results = {}

@@ -425,7 +425,7 @@ def gguf_structured(data: bytes, rng) -> bytes:
 def npz_decode(data: bytes) -> dict[str, np.ndarray]:
     """The arrays of an npz (a seed, or an earlier mutation's output: forged members may claim huge shapes, so
     only archives whose members hold what they claim are decoded)."""
-    from edgespec.ngram import read_npz
+    from edgespec.drafters.cachefile import read_npz
 
     with tempfile.NamedTemporaryFile(suffix=".npz") as f:
         f.write(data)
@@ -779,7 +779,8 @@ def tokenizer_load(path: Path, workdir: Path) -> None:
 
 # -- n-gram cache ------------------------------------------------------------------------------------------------
 def ngram_seeds(folder: Path) -> list[bytes]:
-    from edgespec.ngram import NGramTable, make_header, write_cache_file
+    from edgespec.drafters.cachefile import make_header, write_cache_file
+    from edgespec.drafters.ngram_table import NGramTable
 
     rng = np.random.default_rng(0)
     out = []
@@ -795,7 +796,8 @@ def ngram_seeds(folder: Path) -> list[bytes]:
 
 
 def ngram_load(path: Path, workdir: Path) -> None:
-    from edgespec.ngram import NGramCacheWarning, NGramDrafter
+    from edgespec.drafters.cachefile import NGramCacheWarning
+    from edgespec.drafters.ngram import NGramDrafter
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -816,7 +818,7 @@ def ngram_load(path: Path, workdir: Path) -> None:
 
 # -- cross-vocabulary cache --------------------------------------------------------------------------------------
 def crossvocab_seeds(folder: Path) -> list[bytes]:
-    from edgespec.crossvocab import CrossVocabCache
+    from edgespec.drafters.crossvocab import CrossVocabCache
 
     rng = np.random.default_rng(1)
     out = []
@@ -832,8 +834,8 @@ def crossvocab_seeds(folder: Path) -> list[bytes]:
 
 
 def crossvocab_load(path: Path, workdir: Path) -> None:
-    from edgespec.crossvocab import MAX_UNIT, open_cache
-    from edgespec.ngram import NGramCacheWarning
+    from edgespec.drafters.cachefile import NGramCacheWarning
+    from edgespec.drafters.crossvocab import MAX_UNIT, open_cache
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

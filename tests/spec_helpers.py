@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgespec.drafting import DraftTree, Drafter
+from edgespec.drafters.base import DraftTree, Drafter
 from edgespec.runtimes.runner import ModelRunner
 from edgespec.sampling import process_logits
 

@@ -158,7 +158,7 @@ def test_factories_at_their_edges():
 
 
 def test_ngram_build_takes_at_most_10000_files(text_file, capsys, monkeypatch):
-    monkeypatch.setattr("edgespec.ngram.MAX_BUILD_FILES", 3)
+    monkeypatch.setattr("edgespec.drafters.ngram_static.MAX_BUILD_FILES", 3)
     assert len(parse(["ngram", "build", *[text_file] * 3, "-o", "c.npz", "-b", "B"]).files) == 3
     assert "at most 3" in refused(["ngram", "build", *[text_file] * 4, "-o", "c.npz", "-b", "B"], capsys)
 

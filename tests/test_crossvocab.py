@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 
 from edgespec import load
-from edgespec.crossvocab import (CrossVocabCache, CrossVocabDrafter, align_units, direct_token_map, token_spans,
+from edgespec.drafters.crossvocab import (CrossVocabCache, CrossVocabDrafter, align_units, direct_token_map, token_spans,
                                  translate, unit_kind)
 from edgespec.export.bundle import ModelRequest, export_bundle
-from edgespec.ngram import CacheFileError, NGramCacheWarning
+from edgespec.drafters.cachefile import CacheFileError, NGramCacheWarning
 from edgespec.runtimes.manifest import BundleError
 from edgespec.runtimes.runner import ModelRunner
 from edgespec.text import Tokenizer

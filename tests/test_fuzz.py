@@ -122,8 +122,8 @@ def _npz_with(workdir, members, compress=False):
 
 @pytest.mark.parametrize("shape", ["(1000000000000,)", "(2305843009213693952,)", "(100000000, 4)"])
 def test_cache_arrays_claiming_huge_shapes_are_refused_before_allocating(shape, workdir):
-    from edgespec.crossvocab import CrossVocabCache
-    from edgespec.ngram import CacheFileError, read_cache_file
+    from edgespec.drafters.cachefile import CacheFileError, read_cache_file
+    from edgespec.drafters.crossvocab import CrossVocabCache
 
     arrays = ft.npz_decode(ft.get_target("ngram")._seeds[0])
     members = [(n + ".npy", ft._npy_bytes(a)) for n, a in arrays.items() if n != "entry_key"]
@@ -138,7 +138,7 @@ def test_cache_arrays_claiming_huge_shapes_are_refused_before_allocating(shape, 
 def test_cache_decompression_bomb_and_pickles_are_refused(workdir):
     import io
 
-    from edgespec.ngram import CacheFileError, read_npz
+    from edgespec.drafters.cachefile import CacheFileError, read_npz
 
     path = workdir / "bomb.npz"
     path.write_bytes(ft._bomb_archive())

@@ -176,7 +176,7 @@ SCANNED = ("edgespec", "export", "runtimes", "devices")
 BANNED_MODULES = {"pickle", "cPickle", "_pickle", "dill", "cloudpickle", "joblib", "marshal", "shelve"}
 BANNED_CALLS = {"eval", "exec"}
 # (file, line text) pairs allowed, with the reason. torch.load, pickle, eval and exec are never allowed. Empty: the
-# last entry (the HF peer of `edgespec bench`) went once edgespec/bench.py passed use_safetensors=True.
+# last entry (the HF peer of `edgespec bench`) went once the bench's HF peer (now edgespec/bench/peers/hf.py) passed use_safetensors=True.
 ALLOW_LIST: dict[tuple[str, str], str] = {}
 
 

@@ -199,9 +199,10 @@ def test_adapt_without_history_says_how_to_turn_it_on(tiny_bundles, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ FIFOs
 def _fifo_cases(tmp_path: Path, fifo: Path):
-    from edgespec.crossvocab import open_cache
+    from edgespec.drafters.crossvocab import open_cache
     from edgespec.history import SessionLog, read_history
-    from edgespec.ngram import NGramDrafter, tokenizer_fingerprint
+    from edgespec.drafters.cachefile import tokenizer_fingerprint
+    from edgespec.drafters.ngram import NGramDrafter
     from edgespec.text import Tokenizer
 
     return {
@@ -227,7 +228,7 @@ def test_a_fifo_is_refused_instead_of_hanging(tmp_path, case):
 
 
 def test_the_cache_reader_refuses_a_fifo_itself(tmp_path):
-    from edgespec.ngram import CacheFileError, read_npz
+    from edgespec.drafters.cachefile import CacheFileError, read_npz
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -288,7 +289,8 @@ def test_a_bundle_with_a_2_gib_tokenizer_is_a_bundle_error(tiny_bundles, tmp_pat
 
 # ------------------------------------------------------------------------------------------------ n-gram caches
 def _static_cache(path: Path, tokens: int, vocab: int = 5000, seed: int = 0) -> dict:
-    from edgespec.ngram import count_ngrams, limit_counts, make_header, write_cache_file
+    from edgespec.drafters.cachefile import make_header, write_cache_file
+    from edgespec.drafters.ngram_static import count_ngrams, limit_counts
 
     seq = (np.random.default_rng(seed).zipf(1.3, size=tokens) % vocab).astype(np.int64)
     arrays = limit_counts(count_ngrams([seq], 4))
@@ -298,7 +300,7 @@ def _static_cache(path: Path, tokens: int, vocab: int = 5000, seed: int = 0) -> 
 
 def test_a_static_cache_loads_in_memory_near_its_size(tmp_path):
     """Was: a 72 MB static cache took 18 s and 2.9 GB to load (a Python dict entry per n-gram, ~1 kB each)."""
-    from edgespec.ngram import NGramDrafter
+    from edgespec.drafters.ngram import NGramDrafter
 
     path = tmp_path / "static.npz"
     arrays = _static_cache(path, 100_000)
@@ -319,8 +321,9 @@ def test_a_static_cache_loads_in_memory_near_its_size(tmp_path):
 def test_the_static_table_answers_as_the_dict_table(tmp_path):
     """The array-backed static tier gives the same continuations (and so the same drafts) as before, also for a
     file with repeated n-grams and entries (merged the same way)."""
-    from edgespec.ngram import (NGramTable, StaticTable, Thresholds, concat_arrays, fit_max_n, longest_match,
-                                read_cache_file)
+    from edgespec.drafters.cachefile import read_cache_file
+    from edgespec.drafters.ngram import Thresholds, longest_match
+    from edgespec.drafters.ngram_table import NGramTable, StaticTable, concat_arrays, fit_max_n
 
     path = tmp_path / "static.npz"
     _static_cache(path, 20_000, vocab=300)
@@ -349,7 +352,9 @@ def test_the_static_table_answers_as_the_dict_table(tmp_path):
 def test_a_persistent_cache_is_cut_to_its_cap_when_loaded(tmp_path):
     """Was: a persistent file of any size (up to the reader's 4M entries) became a Python table before the next
     save evicted it."""
-    from edgespec.ngram import NGramDrafter, NGramTable, make_header, write_cache_file
+    from edgespec.drafters.cachefile import make_header, write_cache_file
+    from edgespec.drafters.ngram import NGramDrafter
+    from edgespec.drafters.ngram_table import NGramTable
 
     table = NGramTable(4)
     table.add_tokens(list(np.random.default_rng(0).integers(0, 96, size=3000)))
@@ -738,8 +743,9 @@ def _stale(folder: Path, name: str, age: float = 120) -> Path:
 def test_atomic_writes_remove_temp_files_left_by_killed_writers(tmp_path):
     """Was: temporary files of writers killed with kill -9 stayed forever (4 files after 40 kills)."""
     from edgespec.history import SessionLog
-    from edgespec.ngram import NGramTable, make_header, write_cache_file
-    from edgespec.runtimes.manifest import STALE_TEMP_SECONDS, write_json_atomic
+    from edgespec.drafters.cachefile import make_header, write_cache_file
+    from edgespec.drafters.ngram_table import NGramTable
+    from edgespec.runtimes.files import STALE_TEMP_SECONDS, write_json_atomic
 
     assert STALE_TEMP_SECONDS == 60
     # the JSON writer (manifests, device profiles) and the history trim: "<name>.<8 random>.tmp"

@@ -1,4 +1,4 @@
-"""Tests for edgespec.ngram: n-gram tables, tiers and thresholds, tree growth, recycling, cache files, static builds."""
+"""Tests for edgespec.drafters.ngram (and its table, cache file and static builder): n-gram tables, tiers and thresholds, tree growth, recycling, cache files, static builds."""
 
 from __future__ import annotations
 
@@ -14,18 +14,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgespec import ngram
-from edgespec.drafting import DraftTree, VerifiedStep
-from edgespec.ngram import (NGramCacheWarning, NGramDrafter, NGramTable, Thresholds, TierThresholds,
-                            build_static_cache, default_cache_path, fast_top_k, grow_tree, longest_match,
-                            register_cli, tokenizer_fingerprint)
+from edgespec.drafters import cachefile, ngram_table
+from edgespec.drafters.base import DraftTree, VerifiedStep, fast_top_k
+from edgespec.drafters.cachefile import NGramCacheWarning, default_cache_path, tokenizer_fingerprint
+from edgespec.drafters.ngram import NGramDrafter, Thresholds, TierThresholds, grow_tree, longest_match
+from edgespec.drafters.ngram_static import build_static_cache, register_cli
+from edgespec.drafters.ngram_table import NGramTable
 
 VOCAB = 1000
 
 
 def table_state(table: NGramTable) -> dict:
     """A comparable snapshot: key -> (total, best, {token: (count, stamp)})."""
-    return {key: (c.total, c.best, {t: (ngram.entry_count(e), ngram.entry_stamp(e)) for t, e in c.next.items()})
+    return {key: (c.total, c.best, {t: (ngram_table.entry_count(e), ngram_table.entry_stamp(e)) for t, e in c.next.items()})
             for key, c in table.grams.items()}
 
 
@@ -306,7 +307,7 @@ def test_failed_write_keeps_the_old_file(tmp_path, monkeypatch):
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(ngram.os, "replace", failing_replace)
+    monkeypatch.setattr(cachefile.os, "replace", failing_replace)
     with pytest.warns(NGramCacheWarning, match="not saved: disk full"):
         drafter.finish([5, 6, 7, 8, 9])
     assert path.read_bytes() == before
@@ -352,7 +353,7 @@ def test_eviction_drops_the_least_recent_among_equal_counts(tmp_path):
     # shares stay honest: an evicted continuation still counts in its n-gram's total
     table = NGramTable(1)
     table.add_tokens([1, 2, 1, 3, 1, 3], 0)
-    arrays = ngram.evict_to_cap(table, table.to_arrays(), 3)
+    arrays = ngram_table.evict_to_cap(table, table.to_arrays(), 3)
     assert table.grams[(1,)].next.keys() == {3} and table.grams[(1,)].total == 3
     assert arrays["key_total"].tolist() == [3, 1, 1] and len(arrays["entry_key"]) == 3  # (1,) -> 2 evicted
 
@@ -371,9 +372,9 @@ def test_default_cache_path_and_fingerprint(tmp_path):
 def write_cache(path, vocab=VOCAB, fingerprint="fp", **header_changes):
     table = fresh_table(PATTERN * 3)
     arrays = table.to_arrays()
-    header = ngram.make_header("persistent", 4, vocab, fingerprint, 24, arrays)
+    header = cachefile.make_header("persistent", 4, vocab, fingerprint, 24, arrays)
     header.update(header_changes)
-    ngram.write_cache_file(path, header, arrays)
+    cachefile.write_cache_file(path, header, arrays)
     return arrays
 
 
@@ -403,7 +404,7 @@ def test_out_of_vocabulary_ids_in_a_file_are_refused(tmp_path):
     path = tmp_path / "cache.npz"
     arrays = write_cache(path)
     arrays["entry_next"][0] = VOCAB + 5
-    ngram.write_cache_file(path, ngram.make_header("persistent", 4, VOCAB, "fp", 0, arrays), arrays)
+    cachefile.write_cache_file(path, cachefile.make_header("persistent", 4, VOCAB, "fp", 0, arrays), arrays)
     with pytest.warns(NGramCacheWarning, match="outside the vocabulary"):
         drafter = NGramDrafter(VOCAB, fingerprint="fp", persistent_path=path)
     assert drafter.persistent_table.entries == 0
@@ -413,7 +414,7 @@ def test_inconsistent_arrays_are_refused(tmp_path):
     path = tmp_path / "cache.npz"
     arrays = write_cache(path)
     arrays["key_total"][0] = 0  # below its entries' counts
-    ngram.write_cache_file(path, ngram.make_header("persistent", 4, VOCAB, "fp", 0, arrays), arrays)
+    cachefile.write_cache_file(path, cachefile.make_header("persistent", 4, VOCAB, "fp", 0, arrays), arrays)
     with pytest.warns(NGramCacheWarning, match="total is below"):
         NGramDrafter(VOCAB, fingerprint="fp", persistent_path=path)
 
@@ -424,9 +425,9 @@ def test_repeated_keys_and_odd_padding_in_a_file_are_merged(tmp_path):
     table.add_tokens([1, 2, 1, 3])
     arrays = table.to_arrays()
     arrays["key_total"] += 1  # one evicted continuation each
-    twice = ngram.concat_arrays(arrays, arrays)  # every key and entry written twice
+    twice = ngram_table.concat_arrays(arrays, arrays)  # every key and entry written twice
     twice["key_tokens"][twice["key_len"] == 1, 1] = 7  # padding that is not -1
-    ngram.write_cache_file(path, ngram.make_header("persistent", 2, VOCAB, "fp", 4, twice), twice)
+    cachefile.write_cache_file(path, cachefile.make_header("persistent", 2, VOCAB, "fp", 4, twice), twice)
     drafter = NGramDrafter(VOCAB, fingerprint="fp", max_n=2, persistent_path=path)
     state = table_state(drafter.persistent_table)
     assert state[(1,)] == (6, 2, {2: (2, 1), 3: (2, 3)}) and state[(2, 1)] == (4, 2, {3: (2, 3)})
@@ -437,10 +438,10 @@ def test_repeated_keys_and_odd_padding_in_a_file_are_merged(tmp_path):
 
     padded = dict(arrays, key_tokens=arrays["key_tokens"].copy())  # odd padding alone: saving must not repeat keys
     padded["key_tokens"][padded["key_len"] == 1, 1] = 7
-    ngram.write_cache_file(path, ngram.make_header("persistent", 2, VOCAB, "fp", 4, padded), padded)
+    cachefile.write_cache_file(path, cachefile.make_header("persistent", 2, VOCAB, "fp", 4, padded), padded)
     drafter = NGramDrafter(VOCAB, fingerprint="fp", max_n=2, persistent_path=path)
     drafter.finish([1, 2, 9])
-    _, saved = ngram.read_cache_file(path, ("persistent",), VOCAB, "fp")
+    _, saved = cachefile.read_cache_file(path, ("persistent",), VOCAB, "fp")
     assert len(saved["key_len"]) == len(drafter.persistent_table.grams)
     assert table_state(NGramDrafter(VOCAB, fingerprint="fp", max_n=2, persistent_path=path).persistent_table) == \
         table_state(drafter.persistent_table)
@@ -449,7 +450,7 @@ def test_repeated_keys_and_odd_padding_in_a_file_are_merged(tmp_path):
 def test_a_static_cache_as_persistent_path_is_used_read_only(tmp_path):
     path = tmp_path / "static.npz"
     arrays = fresh_table(PATTERN * 3).to_arrays()
-    ngram.write_cache_file(path, ngram.make_header("static", 4, VOCAB, "fp", 0, arrays), arrays)
+    cachefile.write_cache_file(path, cachefile.make_header("static", 4, VOCAB, "fp", 0, arrays), arrays)
     before = path.read_bytes()
     with pytest.warns(NGramCacheWarning, match="static cache, not a persistent one"):
         drafter = NGramDrafter(VOCAB, fingerprint="fp", persistent_path=path)
@@ -500,9 +501,9 @@ def test_static_build_and_drafting(tmp_path):
     assert report.entries == expected.entries and report.keys == len(expected.grams)
 
     drafter = NGramDrafter(VOCAB, fingerprint="fp", static_path=out, recycling=False)
-    loaded = {k: (c.total, {t: ngram.entry_count(e) for t, e in c.next.items()})
+    loaded = {k: (c.total, {t: ngram_table.entry_count(e) for t, e in c.next.items()})
               for k, c in drafter.static_table.grams.items()}
-    assert loaded == {k: (c.total, {t: ngram.entry_count(e) for t, e in c.next.items()})
+    assert loaded == {k: (c.total, {t: ngram_table.entry_count(e) for t, e in c.next.items()})
                       for k, c in expected.grams.items()}
     tree = drafter.propose([ids["a"], ids["dog"], ids["cat"], ids["sat"]], 4)
     assert tree.tokens.tolist()[:2] == [ids["on"], ids["the"]] and set(drafter.last_sources) == {"static"}
@@ -513,7 +514,7 @@ def test_static_build_caps_entries_by_count(tmp_path):
     text.write_text(CORPUS_B + " x y z w v u")
     report = build_static_cache([text], WordTokenizer(), tmp_path / "s.npz", max_n=2, max_entries=10)
     assert report.entries == 10 and report.evicted > 0
-    header, arrays = ngram.read_cache_file(tmp_path / "s.npz", ("static",), VOCAB, "")
+    header, arrays = cachefile.read_cache_file(tmp_path / "s.npz", ("static",), VOCAB, "")
     assert header["kind"] == "static" and len(arrays["entry_key"]) == 10 and arrays["entry_count"].min() >= 2
 
 
@@ -571,7 +572,7 @@ def test_register_cli_builds_a_static_cache(tmp_path, monkeypatch, capsys):
     assert seen == [bundle]
     printed = capsys.readouterr().out
     assert "2 files" in printed and f"{len((CORPUS_A + CORPUS_B).split())} tokens" in printed
-    header, _ = ngram.read_cache_file(out, ("static",), 64, tokenizer_fingerprint(tokenizer_path))
+    header, _ = cachefile.read_cache_file(out, ("static",), 64, tokenizer_fingerprint(tokenizer_path))
     assert header["max_n"] == 3 and header["kind"] == "static"
     drafter = NGramDrafter(64, fingerprint=tokenizer_fingerprint(tokenizer_path), static_path=out)
     assert drafter.static_table.entries > 0

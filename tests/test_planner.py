@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from edgespec.drafting import DraftTree
+from edgespec.drafters.base import DraftTree
 from edgespec.planner import (AcceptanceStats, Planner, best_trees, expected_accepted, fit_to_shape, fixed_shape,
                               levels_and_ranks, make_plan, plan_tree, rank_paths)
 

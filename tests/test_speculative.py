@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgespec import verify as verify_module
-from edgespec.drafting import DraftTree, Drafter, VerifiedStep
+from edgespec.drafters.base import DraftTree, Drafter, VerifiedStep
 from edgespec.engine import Engine, load
 from edgespec.runtimes.runner import ModelRunner
 from edgespec.sampling import GenerationConfig, process_logits

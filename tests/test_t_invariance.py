@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgespec.drafting import DraftTree, Drafter
+from edgespec.drafters.base import DraftTree, Drafter
 from edgespec.engine import load
 from edgespec.runtimes.manifest import load_manifest
 from edgespec.runtimes.runner import ModelRunner

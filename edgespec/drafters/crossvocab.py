@@ -46,14 +46,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .drafting import DraftTree, Drafter, VerifiedStep
-from .model_drafter import AcceptanceByProbability, ForwardCost, PaysOff
-from .ngram import (MAGIC, CacheFileError, NGramCacheWarning, check_cache_path, read_cache_header, read_npz,
-                    write_cache_file)
-from .runtimes.manifest import short_repr
-from .runtimes.runner import ContextOverflow, ModelRunner
-from .sampling import GenerationConfig
-from .text import StreamDecoder, Tokenizer, common_prefix_length
+from ..runtimes.checks import short_repr
+from ..runtimes.runner import ContextOverflow, ModelRunner
+from ..sampling import GenerationConfig
+from ..text import StreamDecoder, Tokenizer, common_prefix_length
+from .base import DraftTree, Drafter, VerifiedStep
+from .cachefile import (MAGIC, CacheFileError, NGramCacheWarning, check_cache_path, read_cache_header, read_npz,
+                        tokenizer_fingerprint, write_cache_file)
+from .costs import AcceptanceByProbability, ForwardCost, PaysOff
 
 CACHE_KIND = "crossvocab"
 CACHE_VERSION = 1
@@ -237,8 +237,6 @@ class CrossVocabCache:
 
 def pair_fingerprint(draft_tokenizer_path, target_tokenizer_path) -> str:
     """Fingerprint of a (drafter, target) tokenizer pair."""
-    from .ngram import tokenizer_fingerprint
-
     return f"{tokenizer_fingerprint(draft_tokenizer_path)}-{tokenizer_fingerprint(target_tokenizer_path)}"
 
 

@@ -8,17 +8,24 @@ methods, in the spirit of Hugging Face's `CandidateGenerator`:
 * `observe(step)`: a `VerifiedStep` telling which tokens the target accepted and what it predicted at every
   scored position.
 
-`start` and `finish` bracket one generation (optional hooks with empty defaults).
+`start` and `finish` bracket one generation (optional hooks with empty defaults). Everything else the engine asks of
+a drafter is declared on `Drafter` with a neutral default: `dynamic`, `planned`, `stage`, `runner`, `forward_cost`
+and `save`.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .runtimes.kvcache import tree_depths
-from .sampling import GenerationConfig
+from ..runtimes.kvcache import tree_depths
+from ..sampling import GenerationConfig
+
+if TYPE_CHECKING:
+    from ..runtimes.runner import ModelRunner
+    from .costs import ForwardCost
 
 
 @dataclass
@@ -210,6 +217,9 @@ class Drafter:
 
     name = "none"
     dynamic = False  # True: grows its own tree by probability (gets a plan's node count, not its exact shape)
+    stage: "Drafter | None" = None  # a first-stage drafter drafting for this one (staged speculation)
+    runner: "ModelRunner | None" = None  # the model this drafter runs, if any (its device-profile costs are used)
+    forward_cost: "ForwardCost | None" = None  # the measured time of one of its model's forwards, if it runs one
 
     def start(self, prompt_ids: list[int], config: GenerationConfig) -> None:
         """A generation begins from `prompt_ids` with `config` (sampling drafters read temperature etc.)."""
@@ -237,3 +247,7 @@ class Drafter:
         bucket. A drafter that corrects its own estimates from outcomes should stop while planned: the correction
         moves proposals between the planner's buckets, which changes what gets verified and so what either
         learns (a loop that can lock a good drafter out). Default: nothing to do."""
+
+    def save(self) -> None:
+        """Persist what this drafter keeps across sessions (its cache files); called by `Engine.close`. May raise
+        OSError (the engine warns). Default: nothing to save."""
