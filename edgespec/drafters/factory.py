@@ -105,6 +105,15 @@ def _check_memory(context: DrafterContext, entry: ModelEntry) -> None:
     check_memory(context.manifest, [context.target, entry], context.max_context, profile=context.profile)
 
 
+def _named_drafter(context: DrafterContext, name: str) -> ModelEntry:
+    """The bundle's model `name`, which must be one of its models other than the target."""
+    manifest = context.manifest
+    if name not in manifest.models or name == context.target.name:
+        names = [d.name for d in manifest.drafters()] or "none"
+        raise BundleError(f"bundle has no drafter {name!r} (drafters: {names})")
+    return manifest.models[name]
+
+
 def _cross_drafter(context: DrafterContext, name: str | None, stage: Drafter | None, ngram_cache) -> Drafter:
     """A drafter model with another tokenizer (OmniDraft-style cross-vocabulary drafting). A first-stage n-gram
     drafter is rebuilt in the drafter's vocabulary (it drafts for the drafter). The learned mappings persist next
@@ -112,9 +121,7 @@ def _cross_drafter(context: DrafterContext, name: str | None, stage: Drafter | N
     manifest, target = context.manifest, context.target
     drafters = manifest.drafters()
     if name is not None:
-        if name not in manifest.models or name == target.name:
-            raise BundleError(f"bundle has no drafter {name!r} (drafters: {[d.name for d in drafters] or 'none'})")
-        entry = manifest.models[name]
+        entry = _named_drafter(context, name)
     else:
         others = [d for d in drafters if not same_vocabulary(d, target)]
         if not drafters:
@@ -148,9 +155,7 @@ def _drafter_entry(context: DrafterContext, name: str | None) -> ModelEntry:
     manifest, target = context.manifest, context.target
     drafters = manifest.drafters()
     if name is not None:
-        if name not in manifest.models or name == target.name:
-            raise BundleError(f"bundle has no drafter {name!r} (drafters: {[d.name for d in drafters] or 'none'})")
-        entry = manifest.models[name]
+        entry = _named_drafter(context, name)
     elif drafters:  # the first one sharing the tokenizer (others are for 'cross')
         entry = next((d for d in drafters if same_vocabulary(d, target)), drafters[0])
     else:
