@@ -36,7 +36,7 @@ import warnings
 from pathlib import Path
 from typing import Iterable
 
-from .runtimes.files import atomic_writer
+from .runtimes.files import atomic_writer, check_regular_file, open_regular
 
 HISTORY_VERSION = 1
 DEFAULT_MAX_BYTES = 64 << 20  # 64 MiB
@@ -110,27 +110,7 @@ def make_private_dirs(folder: str | os.PathLike) -> None:
 def check_not_special(path: str | os.PathLike) -> None:
     """Raise ValueError when `path` exists and is not a regular file (a FIFO would block a reader or writer
     forever, a device or a folder is no log); a missing path is fine."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return
-    except OSError as exc:
-        raise ValueError(f"history file {path} cannot be examined: {exc}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"history path {path} is not a regular file (a FIFO, device or folder): refused")
-
-
-def open_regular(path: str | os.PathLike, flags: int, mode: int = FILE_MODE) -> int:
-    """os.open(path, flags | O_NONBLOCK, mode), then OSError (EINVAL) unless what was opened is a regular file: a
-    FIFO is refused without blocking (O_NONBLOCK), a regular file behaves as without the flag."""
-    fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), mode)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, f"{path} is not a regular file (a FIFO, device or folder)")
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    check_regular_file(path, "history")
 
 
 def tighten_mode(fd: int) -> None:

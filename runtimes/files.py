@@ -5,6 +5,7 @@ leaf: the standard library only): the one atomic writer (`atomic_writer`, and `w
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -20,6 +21,34 @@ def is_regular_file(path: Path) -> bool:
         return path.is_file()
     except (OSError, ValueError):
         return False
+
+
+def check_regular_file(path, what: str) -> bool:
+    """True when `path` is a regular file, False when nothing is there; ValueError naming `what` when it is
+    something else (a FIFO, which would block a reader or writer forever, a device or a folder) or cannot be
+    looked up."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{what} path {path} cannot be examined: {exc}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ValueError(f"{what} path {path} is not a regular file (a FIFO, device or folder): refused")
+    return True
+
+
+def open_regular(path, flags: int, mode: int = 0o600) -> int:
+    """os.open(path, flags | O_NONBLOCK, mode), then OSError (EINVAL) unless what was opened is a regular file: a
+    FIFO is refused without blocking (O_NONBLOCK), a regular file behaves as without the flag."""
+    fd = os.open(path, flags | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0), mode)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file (a FIFO, device or folder)")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def read_json_capped(path: Path, max_bytes: int, error: type[Exception], what: str):

@@ -14,12 +14,12 @@ before anything is read).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import re
-import stat
 import warnings
 import zipfile
 from pathlib import Path
@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ..runtimes.checks import short_repr
-from ..runtimes.files import atomic_writer
+from ..runtimes.files import atomic_writer, check_regular_file, open_regular
 from .ngram_table import COUNT_LIMIT, STAMP_LIMIT, empty_arrays, fit_max_n
 
 MAGIC = "edgespec-ngram"
@@ -145,12 +145,11 @@ def read_npz(path: str | os.PathLike, max_bytes: int = MAX_CACHE_BYTES,
     from numpy.lib import format as npy_format
 
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        fd = open_regular(path, os.O_RDONLY)
     except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            raise CacheFileError("it is not a regular file (a FIFO, device or folder)") from None
         raise CacheFileError(f"it cannot be opened ({exc})") from None
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise CacheFileError("it is not a regular file (a FIFO, device or folder)")
     try:
         with os.fdopen(fd, "rb") as raw, zipfile.ZipFile(raw) as archive:
             infos = archive.infolist()
@@ -242,15 +241,7 @@ def read_cache_file(path: str | os.PathLike, kinds: tuple[str, ...], vocab_size:
 def check_cache_path(path, what: str = "n-gram cache") -> bool:
     """True when `path` is a regular file, False when nothing is there; ValueError naming it when it is something
     else (a FIFO, which would block a reader forever, a device or a folder) or cannot be looked up."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        return False
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{what} path {path} cannot be examined: {exc}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ValueError(f"{what} path {path} is not a regular file (a FIFO, device or folder): refused")
-    return True
+    return check_regular_file(path, what)
 
 
 def load_cache(path, kinds: tuple[str, ...], max_n: int, vocab_size: int,
