@@ -5,7 +5,12 @@ ratio (ONNX Runtime's copy of the weights plus its working buffers; a device pro
 KV cache at the chosen context length, and cache files (n-gram, cross-vocabulary) read into memory.
 `check_memory` compares the estimate with the memory available now and raises `MemoryBudgetError`, naming smaller
 configurations that would fit, when it exceeds 90% of it. `EDGESPEC_MEMORY_MB` overrides the available memory
-(tests, and phones whose reports are unreliable). Stdlib only: psutil is not a runtime dependency.
+(tests, and phones whose reports are unreliable).
+
+The machine's and the process's memory come from psutil when it is installed (Linux, macOS, Windows, BSD alike),
+else from the operating system by hand: /proc/meminfo and /proc/self/status (Linux, Android), os.sysconf, `sysctl
+hw.memsize` (macOS) and getrusage. psutil stays optional, not a core dependency: it has no wheel for Android or iOS,
+where the runtime must still install with pip alone; without it, Windows reports no memory (the check is skipped).
 """
 
 from __future__ import annotations
@@ -39,6 +44,28 @@ class MemoryBudgetError(BundleError):
 
 
 # ------------------------------------------------------------------------------------------- what the machine has
+def _psutil():
+    """The psutil module when it is installed, else None."""
+    try:
+        import psutil
+    except ImportError:
+        return None
+    return psutil
+
+
+def _psutil_memory_mb(field: str) -> float | None:
+    """psutil.virtual_memory().`field` ("total", "available") in MB; None without psutil or when it fails (a
+    sandbox that hides /proc/meminfo, an unsupported platform)."""
+    psutil = _psutil()
+    if psutil is None:
+        return None
+    try:
+        value = getattr(psutil.virtual_memory(), field)
+    except (OSError, RuntimeError, AttributeError, NotImplementedError):
+        return None
+    return value / MB if value and value > 0 else None
+
+
 def _meminfo_mb(field: str) -> float | None:
     """A /proc/meminfo field (kB there) in MB, or None off Linux or when absent."""
     try:
@@ -73,8 +100,9 @@ def _sysctl_int(name: str) -> int | None:
 
 
 def total_memory_mb() -> float | None:
-    """Physical memory of this machine in MB (None when unknown)."""
-    total = _meminfo_mb("MemTotal") or _sysconf_mb("SC_PHYS_PAGES")
+    """Physical memory of this machine in MB: psutil's when installed, else MemTotal (/proc/meminfo), os.sysconf,
+    or `sysctl hw.memsize` (macOS); None when unknown."""
+    total = _psutil_memory_mb("total") or _meminfo_mb("MemTotal") or _sysconf_mb("SC_PHYS_PAGES")
     if total is None and platform.system() == "Darwin":
         size = _sysctl_int("hw.memsize")
         total = size / MB if size else None
@@ -98,12 +126,13 @@ def memory_override_mb() -> float | None:
 
 
 def available_memory_mb() -> float | None:
-    """Memory available to a new allocation now, in MB: $EDGESPEC_MEMORY_MB when set, else MemAvailable from
-    /proc/meminfo (Linux, Android), else free pages from os.sysconf; None when unknown (e.g. macOS)."""
+    """Memory available to a new allocation now, in MB: $EDGESPEC_MEMORY_MB when set, else psutil's available
+    memory when installed (every platform), else MemAvailable from /proc/meminfo (Linux, Android), else free pages
+    from os.sysconf; None when unknown (macOS and Windows without psutil)."""
     override = memory_override_mb()
     if override is not None:
         return override
-    available = _meminfo_mb("MemAvailable") or _sysconf_mb("SC_AVPHYS_PAGES")
+    available = _psutil_memory_mb("available") or _meminfo_mb("MemAvailable") or _sysconf_mb("SC_AVPHYS_PAGES")
     return round(available, 1) if available else None
 
 
@@ -119,20 +148,32 @@ def _proc_status_kb(field: str) -> float | None:
     return None
 
 
-def process_rss_mb() -> float | None:
-    """Resident memory of this process now, MB (VmRSS; psutil elsewhere when importable), None when unknown."""
-    kb = _proc_status_kb("VmRSS")
-    if kb is not None:
-        return kb / 1024
-    try:
-        import psutil
-    except ImportError:
+def _psutil_process_bytes(field: str) -> int | None:
+    """psutil.Process().memory_info().`field` of this process in bytes; None without psutil, without that field
+    on this platform (`peak_wset` is Windows's) or when it fails."""
+    psutil = _psutil()
+    if psutil is None:
         return None
-    return psutil.Process().memory_info().rss / MB
+    try:
+        value = getattr(psutil.Process().memory_info(), field, None)
+    except (OSError, RuntimeError, NotImplementedError):
+        return None
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def process_rss_mb() -> float | None:
+    """Resident memory of this process now, MB: psutil's RSS when installed, else VmRSS (/proc/self/status);
+    None when unknown."""
+    rss = _psutil_process_bytes("rss")
+    if rss is not None:
+        return rss / MB
+    kb = _proc_status_kb("VmRSS")
+    return kb / 1024 if kb is not None else None
 
 
 def process_peak_rss_mb() -> float | None:
-    """Peak resident memory of this process, MB (VmHWM, else ru_maxrss), None when unknown."""
+    """Peak resident memory of this process, MB: VmHWM (Linux), else getrusage's ru_maxrss (macOS, BSD), else
+    psutil's peak working set (Windows); None when unknown."""
     kb = _proc_status_kb("VmHWM")
     if kb is not None:
         return kb / 1024
@@ -143,7 +184,8 @@ def process_peak_rss_mb() -> float | None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return peak / MB if sys.platform == "darwin" else peak / 1024  # bytes on macOS, kB elsewhere
     except (ImportError, OSError):
-        return None
+        peak = _psutil_process_bytes("peak_wset")
+        return peak / MB if peak is not None else None
 
 
 # ------------------------------------------------------------------------------------------- what a bundle needs

@@ -50,6 +50,9 @@ SLUG = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 MAX_PROFILE_BYTES = 16 << 20  # a profile is a few kB; a bigger file is refused unread
 MAX_TOKENS = 1 << 24  # largest context or size a profile may list (the manifest's context_length limit)
 MAX_MS = 1e9  # a forward of more than 11 days is no measurement (and would overflow the interpolation)
+DEFAULT_PROVIDERS = ("CPUExecutionProvider",)  # what a profile without a "providers" field measured
+MAX_PROVIDERS = 8  # execution providers a profile may list
+PROVIDER_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,63}$")
 SAMPLE_TEXT = (
     "Speculative decoding lets a small draft propose several tokens that the large model checks in one pass. "
     "On a phone or a laptop the cost of that pass grows with the number of tokens, so the planner needs a table "
@@ -205,6 +208,7 @@ class DeviceProfile:
     memory: dict = field(default_factory=dict)
     repeats: int = DEFAULT_REPEATS
     quick: bool = False
+    providers: list[str] = field(default_factory=lambda: list(DEFAULT_PROVIDERS))  # ORT execution providers, CPU last
 
     @property
     def device_id(self) -> str:
@@ -246,8 +250,9 @@ class DeviceProfile:
         return _interpolate_sizes(entry["sizes"], nondecreasing(entry["ms"]), tokens) / 1000.0
 
     def summary(self) -> str:
-        """One line: name, device, threads, model."""
-        return f"{self.name}: {self.device_id}, {self.threads} threads, {self.bundle.get('model')}"
+        """One line: name, device, threads, execution providers, model."""
+        return (f"{self.name}: {self.device_id}, {self.threads} threads, {providers_label(self.providers)}, "
+                f"{self.bundle.get('model')}")
 
     def to_dict(self) -> dict:
         """The JSON-ready dictionary (schema_version 1)."""
@@ -255,7 +260,7 @@ class DeviceProfile:
                 "device": dict(self.device), "threads": self.threads, "bundle": dict(self.bundle),
                 "load_s": self.load_s, "memory": dict(self.memory), "repeats": self.repeats, "quick": self.quick,
                 "verify_ms": {k: self.verify_ms[k] for k in ("contexts", "sizes", "ms")},
-                "drafters": {name: dict(d) for name, d in self.drafters.items()}}
+                "drafters": {name: dict(d) for name, d in self.drafters.items()}, "providers": list(self.providers)}
 
     @classmethod
     def from_dict(cls, data, where: str = "profile") -> "DeviceProfile":
@@ -408,7 +413,21 @@ def _parse_profile(data, where: str) -> DeviceProfile:
     return DeviceProfile(name=name, created=created, device=dict(device), threads=threads, bundle=dict(bundle),
                          verify_ms=_parse_verify(_get(data, "verify_ms", where), where),
                          drafters=_parse_drafters(data.get("drafters", {}), where), load_s=load_s, memory=memory,
-                         repeats=repeats, quick=quick)
+                         repeats=repeats, quick=quick, providers=_parse_providers(data, where))
+
+
+def _parse_providers(data: dict, where: str) -> list[str]:
+    """The "providers" field: 1 to MAX_PROVIDERS distinct ORT provider names; absent (profiles written before it
+    existed): the CPU provider alone."""
+    value = data.get("providers", list(DEFAULT_PROVIDERS))
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_PROVIDERS:
+        _fail(where, "providers", f"must be a list of 1 to {MAX_PROVIDERS} execution provider names, got {_r(value)}")
+    for item in value:
+        if not isinstance(item, str) or not PROVIDER_NAME.match(item):
+            _fail(where, "providers", f"must hold provider names such as 'CPUExecutionProvider', got {_r(item)}")
+    if len(set(value)) != len(value):
+        _fail(where, "providers", f"lists a provider twice: {value}")
+    return list(value)
 
 
 def load_profile(path: str | os.PathLike) -> DeviceProfile:
@@ -488,13 +507,13 @@ def measurable_contexts(entry: ModelEntry, contexts, largest_size: int) -> list[
     return sorted(set(min(int(c), limit) for c in _check_sizes(contexts, "contexts")))
 
 
-def _load_runner(entry: ModelEntry, threads: int):
-    """(runner, load seconds, RSS increase in MB or None) for one model."""
+def _load_runner(entry: ModelEntry, threads: int, providers=None):
+    """(runner, load seconds, RSS increase in MB or None) for one model on `providers` (None: CPU)."""
     from ..runtimes.runner import ModelRunner
 
     rss_before = process_rss_mb()
     start = time.perf_counter()
-    runner = ModelRunner(entry, threads=threads)
+    runner = ModelRunner(entry, threads=threads, providers=providers)
     load_s = time.perf_counter() - start
     rss_after = process_rss_mb()
     rss = round(max(0.0, rss_after - rss_before), 1) if rss_before is not None and rss_after is not None else None
@@ -538,7 +557,7 @@ def _measure_table(runner, entry, contexts, sizes, repeats, quick, progress, lab
 def measure_profile(manifest: Manifest, threads: int | None = None, contexts=None, sizes=None,
                     repeats: int | None = None, drafters: bool = True, quick: bool = False,
                     progress: Progress | None = None, *, entry: ModelEntry | None = None,
-                    drafter_sizes=None) -> DeviceProfile:
+                    drafter_sizes=None, providers=None) -> DeviceProfile:
     """Measure a profile of `manifest`'s target (or `entry`) and, with `drafters`, of every drafter model.
 
     For each context (default 128, 512, 1536, capped below the context length minus 64) the cache is prefilled
@@ -547,10 +566,13 @@ def measure_profile(manifest: Manifest, threads: int | None = None, contexts=Non
     median is kept. Drafters: sizes 1, 2, 4, 8, 16 at the first context. `quick`: one context (512 or less),
     sizes 1-16, 2 repeats, drafters at 1 and 4, a synthetic context instead of a prefill and one warm-up forward
     per context (a few seconds plus the model loads for a 1.5B 4-bit model on 2 threads). `progress(done, total,
-    label)` is called after each timed forward. The profile's name is its default file stem
+    label)` is called after each timed forward. `providers`: the target's ONNX Runtime execution providers (see
+    `edgespec.runtimes.runner.resolve_providers`; default CPU), recorded in the profile; drafters are measured on
+    the CPU provider, where the engine runs them. The profile's name is its default file stem
     (`default_profile_path`); nothing is written here."""
-    from ..runtimes.runner import default_threads
+    from ..runtimes.runner import default_threads, resolve_providers
 
+    chosen_providers = resolve_providers(providers)
     entry = entry or manifest.target_model
     threads = threads or default_threads()
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -568,7 +590,7 @@ def measure_profile(manifest: Manifest, threads: int | None = None, contexts=Non
 
     device = dict(describe_device())
     memory = {"total_mb": total_memory_mb(), "available_mb": available_memory_mb()}
-    runner, load_s, target_rss = _load_runner(entry, threads)
+    runner, load_s, target_rss = _load_runner(entry, threads, chosen_providers)
     rows, done = _measure_table(runner, entry, contexts, sizes, repeats, quick, progress, "target", 0, total)
     file_bytes = model_file_bytes(entry)
     memory["target_rss_mb"] = target_rss
@@ -590,11 +612,12 @@ def measure_profile(manifest: Manifest, threads: int | None = None, contexts=Non
     del runner
 
     bundle = describe_bundle(entry)
+    provider_list = [name for name, _ in chosen_providers]
     profile = DeviceProfile(
-        name=default_profile_name(device["device_id"], threads, bundle["key"]),
+        name=default_profile_name(device["device_id"], threads, bundle["key"], provider_list),
         created=datetime.now(timezone.utc).isoformat(timespec="seconds"), device=device, threads=threads,
         bundle=bundle, verify_ms={"contexts": contexts, "sizes": sizes, "ms": rows}, drafters=drafter_results,
-        load_s=load_s, memory=memory, repeats=repeats, quick=quick)
+        load_s=load_s, memory=memory, repeats=repeats, quick=quick, providers=provider_list)
     return DeviceProfile.from_dict(json.loads(json.dumps(profile.to_dict())), where="measured profile")
 
 
@@ -615,16 +638,33 @@ def shipped_profiles_dir() -> Path:
     return Path(__file__).resolve().parent
 
 
-def default_profile_name(device_id: str, threads: int, key: str) -> str:
-    """`{device_id}-{threads}t-{key[:10]}`: the file stem of a profile in the user folder (characters outside
+def providers_slug(providers) -> str:
+    """The execution providers other than CPU as a file-name part: short names, lower case, joined by "-"
+    ("xnnpack", "qnn-xnnpack"); "" for the CPU provider alone."""
+    short = (re.sub(r"[^a-z0-9]+", "", str(p).lower().removesuffix("executionprovider"))
+             for p in providers if p not in DEFAULT_PROVIDERS)
+    return "-".join(s for s in short if s)
+
+
+def providers_label(providers) -> str:
+    """The execution providers for people: "CPU", "Xnnpack+CPU", ..."""
+    return "+".join(str(p).removesuffix("ExecutionProvider") for p in providers)
+
+
+def default_profile_name(device_id: str, threads: int, key: str, providers=DEFAULT_PROVIDERS) -> str:
+    """`{device_id}-{threads}t-{key[:10]}` (CPU), or `{device_id}-{threads}t-{providers}-{key[:10]}` on other
+    execution providers (`providers_slug`): the file stem of a profile in the user folder (characters outside
     [a-z0-9-] dropped, so that a profile read from elsewhere can never name a path outside the folder)."""
     device = re.sub(r"[^a-z0-9-]+", "", str(device_id).lower()).strip("-") or "device"
-    return f"{device}-{int(threads)}t-{re.sub(r'[^a-z0-9]+', '', str(key).lower())[:10] or 'nokey'}"
+    backend = providers_slug(providers)
+    return (f"{device}-{int(threads)}t-" + (f"{backend}-" if backend else "")
+            + (re.sub(r'[^a-z0-9]+', '', str(key).lower())[:10] or 'nokey'))
 
 
 def default_profile_path(profile: DeviceProfile) -> Path:
     """Where `profile` goes in the user folder."""
-    return user_profiles_dir() / (default_profile_name(profile.device_id, profile.threads, profile.key) + ".json")
+    stem = default_profile_name(profile.device_id, profile.threads, profile.key, profile.providers)
+    return user_profiles_dir() / (stem + ".json")
 
 
 def list_profiles() -> list[tuple[Path, DeviceProfile]]:
@@ -642,23 +682,31 @@ def list_profiles() -> list[tuple[Path, DeviceProfile]]:
     return found
 
 
-def find_profile(manifest: Manifest, threads: int | None, entry: ModelEntry | None = None) -> DeviceProfile | None:
-    """A profile of this machine, at `threads` (None: the runtime's default), for `manifest`'s target (or
-    `entry`) with the same bundle key; the user folder's first. None when there is none."""
-    from ..runtimes.runner import default_threads
+def find_profile(manifest: Manifest, threads: int | None, entry: ModelEntry | None = None,
+                 providers=None) -> DeviceProfile | None:
+    """A profile of this machine, at `threads` (None: the runtime's default), on the execution `providers` (None:
+    CPU; see `edgespec.runtimes.runner.resolve_providers`), for `manifest`'s target (or `entry`) with the same
+    bundle key; the user folder's first. None when there is none."""
+    from ..runtimes.runner import default_threads, provider_names
 
     entry = entry or manifest.target_model
     threads = threads or default_threads()
+    wanted = provider_names(providers)
     device_id, key = current_device_id(), bundle_key(entry)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProfileWarning)
         for _, profile in list_profiles():
-            if profile.device_id == device_id and profile.threads == threads and profile.key == key:
+            if (profile.device_id == device_id and profile.threads == threads and profile.key == key
+                    and profile.providers == wanted):
                 return profile
     return None
 
 
-def _warn_if_foreign(profile: DeviceProfile, entry: ModelEntry, source: str) -> None:
+def _warn_if_foreign(profile: DeviceProfile, entry: ModelEntry, source: str, providers=None) -> None:
+    if providers is not None and profile.providers != list(providers):
+        warnings.warn(f"device profile {source} was measured on {providers_label(profile.providers)}, this session "
+                      f"runs on {providers_label(providers)}: its costs describe another backend", ProfileWarning,
+                      stacklevel=3)
     if not profile.matches(entry):
         warnings.warn(f"device profile {source} measured model {profile.bundle.get('model')!r} (key {profile.key}), "
                       f"not this bundle's {entry.name!r} (key {bundle_key(entry)}): its costs do not describe this "
@@ -666,32 +714,37 @@ def _warn_if_foreign(profile: DeviceProfile, entry: ModelEntry, source: str) -> 
 
 
 def resolve_device(spec: str | None, manifest: Manifest, threads: int | None, entry: ModelEntry | None = None,
-                   progress: Progress | None = None) -> DeviceProfile | None:
+                   progress: Progress | None = None, providers=None) -> DeviceProfile | None:
     """The profile for a `--device` option: None or "none" -> None; "auto" -> this machine's profile for the
-    bundle at `threads` (`find_profile`), else one measured now (quick) and saved to the user folder; a path to a
-    .json file -> that file; any other NAME -> the profile whose name (file stem) is NAME (`list_profiles`),
-    else ProfileError listing the names. A file or named profile of another model gives a ProfileWarning (costs
-    from another device or thread count are allowed, for cross-evaluation). Prints nothing."""
+    bundle at `threads` on the execution `providers` (None: CPU; `find_profile`), else one measured now (quick) on
+    them and saved to the user folder; a path to a .json file -> that file; any other NAME -> the profile whose
+    name (file stem) is NAME (`list_profiles`), else ProfileError listing the names. A file or named profile of
+    another model or other providers gives a ProfileWarning (costs from another device, thread count or backend
+    are allowed, for cross-evaluation). Prints nothing."""
     if spec is None or spec.strip().lower() == "none":
         return None
+    from ..runtimes.runner import provider_names
+
     spec = spec.strip()
     entry = entry or manifest.target_model
+    providers = provider_names(providers)
     if spec.lower() == "auto":
-        profile = find_profile(manifest, threads, entry)
+        profile = find_profile(manifest, threads, entry, providers)
         if profile is None:
-            profile = measure_profile(manifest, threads=threads, quick=True, progress=progress, entry=entry)
+            profile = measure_profile(manifest, threads=threads, quick=True, progress=progress, entry=entry,
+                                      providers=providers)
             profile.save(default_profile_path(profile))
         return profile
     if spec.lower().endswith(".json") or os.sep in spec or (os.altsep and os.altsep in spec):
         profile = load_profile(Path(spec).expanduser())
-        _warn_if_foreign(profile, entry, spec)
+        _warn_if_foreign(profile, entry, spec, providers)
         return profile
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ProfileWarning)
         known = list_profiles()
     for path, profile in known:
         if profile.name == spec:
-            _warn_if_foreign(profile, entry, str(path))
+            _warn_if_foreign(profile, entry, str(path), providers)
             return profile
     names = ", ".join(sorted({p.name for _, p in known})) or "none"
     raise ProfileError(f"no device profile named {spec!r} (known: {names}; folders {user_profiles_dir()} and "
@@ -700,7 +753,7 @@ def resolve_device(spec: str | None, manifest: Manifest, threads: int | None, en
 
 
 # ------------------------------------------------------------------------------------------------ command line
-def _print_profile(profile: DeviceProfile, path: Path) -> None:
+def _print_profile(profile: DeviceProfile, path: Path, written: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -732,7 +785,7 @@ def _print_profile(profile: DeviceProfile, path: Path) -> None:
     console.print(f"target load {profile.load_s:.2f} s; memory: total {mb(m.get('total_mb'))}, available "
                   f"{mb(m.get('available_mb'))}, target RSS +{mb(m.get('target_rss_mb'))}"
                   + (f" ({ratio:.2f} x file size)" if ratio else ""))
-    console.print(f"[bold green]profile written:[/] {path}")
+    console.print(f"[bold green]profile {'written' if written else 'read'}:[/] {path}")
 
 
 def _print_list() -> int:
@@ -740,11 +793,11 @@ def _print_list() -> int:
     from rich.table import Table
 
     table = Table(title="device profiles")
-    for col in ("name", "device", "threads", "model", "path"):
+    for col in ("name", "device", "threads", "providers", "model", "path"):
         table.add_column(col)
     for path, profile in list_profiles():
-        table.add_row(profile.name, profile.device_id, str(profile.threads), str(profile.bundle.get("model")),
-                      str(path))
+        table.add_row(profile.name, profile.device_id, str(profile.threads), providers_label(profile.providers),
+                      str(profile.bundle.get("model")), str(path))
     Console().print(table)
     if not table.row_count:
         Console().print(f"no profiles yet in {user_profiles_dir()}; make one with `edgespec profile --bundle B`")
@@ -752,11 +805,25 @@ def _print_list() -> int:
 
 
 def cmd_profile(args) -> int:
-    """`edgespec profile`: measure a bundle on this machine and write the profile (or `--list` the known ones)."""
+    """`edgespec profile`: measure a bundle on this machine and write the profile (or `--list` the known ones, or
+    show a saved one with `--from`); `--plot` draws its verification cost curve."""
+    if args.plot:
+        from ..plot import require_matplotlib
+
+        require_matplotlib()  # before measuring, not after it
     if args.list:
+        if args.plot or args.from_path:
+            raise ValueError("--list takes no --plot or --from")
         return _print_list()
+    if args.from_path:
+        if args.bundle:
+            raise ValueError("--from shows a saved profile: leave out --bundle (nothing is measured)")
+        profile = load_profile(args.from_path)
+        _print_profile(profile, Path(args.from_path), written=False)
+        _plot_profile(profile, args.plot)
+        return 0
     if not args.bundle:
-        raise ValueError("edgespec profile needs --bundle BUNDLE (or --list)")
+        raise ValueError("edgespec profile needs --bundle BUNDLE (or --list, or --from PROFILE.json)")
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -776,11 +843,36 @@ def cmd_profile(args) -> int:
 
     with bar:
         profile = measure_profile(manifest, threads=args.threads, contexts=args.contexts, sizes=args.sizes,
-                                  repeats=args.repeats,
+                                  repeats=args.repeats, providers=args.provider,
                                   drafters=not args.no_drafters, quick=args.quick, progress=progress)
     path = profile.save(args.output or default_profile_path(profile))
     _print_profile(profile, path)
+    _plot_profile(profile, args.plot)
     return 0
+
+
+def _plot_profile(profile: DeviceProfile, path: str | None) -> None:
+    """Draw the profile's verification cost picture to `path` (nothing when None)."""
+    if path is None:
+        return
+    from rich.console import Console
+
+    from ..plot import plot_profile
+
+    plot_profile(profile, path)
+    Console(stderr=True, highlight=False).print(f"picture written: {path}", markup=False)
+
+
+def add_provider_option(parser) -> None:
+    """The repeatable `--provider NAME` option of `profile`, `generate` and `chat` (at most MAX_PROVIDERS names of
+    at most 64 characters; whether this onnxruntime build has them is checked when the session is made)."""
+    from ..cliargs import at_most, bounded_text
+
+    parser.add_argument("--provider", action=at_most(MAX_PROVIDERS), type=bounded_text(64), default=None,
+                        metavar="NAME",
+                        help=f"ONNX Runtime execution provider for the target, in order of preference (repeatable, "
+                             f"at most {MAX_PROVIDERS}): xnnpack, coreml, nnapi, qnn, dml, ... or an ORT name such "
+                             f"as XnnpackExecutionProvider; CPU is always the fallback (default: CPU only)")
 
 
 MAX_REPEATS = 100
@@ -790,7 +882,9 @@ MAX_CLI_SIZE = 1024  # the largest token count --sizes may ask a forward of
 
 def register_cli(subparsers) -> None:
     """Add the `profile` command to an argparse subparsers object (numbers bounded: see edgespec.cliargs)."""
-    from ..cliargs import MAX_TOKENS as MAX_CLI_CONTEXT, bounded_int, int_list, new_or_regular_file, threads_arg
+    from ..cliargs import MAX_TOKENS as MAX_CLI_CONTEXT, bounded_int, int_list, new_or_regular_file, regular_file, \
+        threads_arg
+    from ..plot import plot_path
 
     p = subparsers.add_parser("profile", help="measure forward times of a bundle on this machine (device profile)")
     p.add_argument("--bundle", "-b", default=None, help="bundle folder to measure")
@@ -808,5 +902,11 @@ def register_cli(subparsers) -> None:
     p.add_argument("--sizes", type=int_list(1, MAX_CLI_SIZE, MAX_LIST_ITEMS), default=None, metavar="N1,N2",
                    help=f"token counts, 1 to {MAX_CLI_SIZE}, at most {MAX_LIST_ITEMS} (default 1,2,3,4,5,6,8,...,64)")
     p.add_argument("--no-drafters", action="store_true", help="measure the target only")
+    add_provider_option(p)
     p.add_argument("--list", action="store_true", help="list the known profiles")
+    p.add_argument("--from", dest="from_path", type=regular_file, default=None, metavar="PROFILE.json",
+                   help="show a saved profile instead of measuring (with --plot: draw it)")
+    p.add_argument("--plot", type=plot_path, default=None, metavar="PATH.svg|PATH.png",
+                   help="draw the verification cost curve (ms against tokens, one line per context) with the "
+                        "planner's tree sizes marked; needs matplotlib: pip install 'edgespec[plot]'")
     p.set_defaults(func=cmd_profile)

@@ -1,15 +1,23 @@
-"""The `edgespec` command line: export, generate, chat, bench, info, models, ngram, adapt, add-drafter."""
+"""The `edgespec` command line (its subcommands are listed by `edgespec --help`, built from the registered parsers).
+
+Conventions: `--version`; help shows each option's default and groups the options (sampling, context, speculation,
+device, history, output); llama.cpp's short forms (-n, -c, -t, --temp); a prompt of `-` (or none, when stdin is not
+a terminal) is read from stdin; messages are plain text (no markup eats `[serve]`); errors name the CLI's flags.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 
-from .cliargs import (MAX_SEED, MAX_TOKENS, at_most, bounded_float, bounded_int, bounded_text, new_or_regular_file,
-                      not_special_file, regular_file, threads_arg)
+from .cliargs import (MAX_SEED, MAX_STDIN_BYTES, MAX_TOKENS, Parser, at_most, bounded_float, bounded_int,
+                      bounded_text, new_or_regular_file, not_special_file, read_stdin_text, regular_file,
+                      stdin_is_terminal, threads_arg)
 from .drafters.config import DEFAULT_DRAFT_BUDGET, SpeculationConfig
+from .sampling import MAX_REPETITION_PENALTY
 from .text import MAX_STOP_CHARS
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime, with a short docstring."
@@ -17,8 +25,11 @@ MAX_DRAFT_BUDGET = 256  # draft tree nodes per step: a verify forward of 257 tok
 MAX_TEMPERATURE = 100.0
 MAX_EXPORT_DRAFTERS = 16
 MAX_STOPS = 4  # --stop strings (4 as OpenAI's API), each at most text.MAX_STOP_CHARS characters
-EXTRAS = {"export": ("torch", "transformers", "gguf", "onnx", "onnx_ir", "accelerate", "peft", "safetensors", "tqdm"),
-          "serve": ("starlette", "uvicorn"), "bench": ("psutil",)}  # optional dependencies: pyproject's extras
+MAX_SYSTEM_CHARS = 1 << 20  # --system (a chat message's limit, repl.MAX_MESSAGE_CHARS)
+SUMMARY = "edgespec: on-device LLM inference with exact speculative decoding on ONNX Runtime."
+EXTRAS = {"export": ("torch", "transformers", "gguf", "onnx", "onnx_ir", "accelerate", "peft", "safetensors"),
+          "serve": ("starlette", "uvicorn"), "bench": ("psutil",),
+          "plot": ("matplotlib",), "metrics": ("prometheus_client",)}  # optional dependencies: pyproject's extras
 
 
 def _console():
@@ -27,44 +38,43 @@ def _console():
     return Console(stderr=True, highlight=False)
 
 
-def cmd_export(args) -> int:
-    """`edgespec export TARGET -o BUNDLE`: export a target (and drafters) into a bundle folder."""
-    from .export.bundle import ModelRequest, export_bundle
+def _say(text: str, style: "str | None" = None) -> None:
+    """Print `text` verbatim on stderr (rich's Text: brackets such as `[serve]` are never read as markup), styled
+    with `style` on a terminal."""
+    from rich.text import Text
 
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+    _console().print(Text(text, style=style or ""), soft_wrap=True)
+
+
+def cmd_export(args) -> int:
+    """`edgespec export TARGET -o BUNDLE`: export a target (and drafters) into a bundle folder, showing each
+    model's phases on stderr (one live row on a terminal, one plain line per phase elsewhere)."""
+    from .export.bundle import ModelRequest, export_bundle
+    from .export.progress import export_display
 
     console = _console()
     target = ModelRequest(args.target, "target", name=args.name, quant=args.quant)
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                   console=console, transient=True)
-    tasks = {}
-
-    def progress(done: int, total: int, label: str) -> None:
-        if not tasks:  # the bar shows from the first download on: an early error prints nothing but its line
-            bar.start()
-        if label not in tasks:
-            tasks[label] = bar.add_task(label, total=total or None)
-        bar.update(tasks[label], completed=done, total=total or None)
-
     drafters = [ModelRequest(d, "drafter", quant=args.quant) for d in args.drafter or ()]
-    try:
+
+    def log(message: str) -> None:  # verbatim: "[name]" is the model's name, not rich markup
+        console.print(message, markup=False, emoji=False, soft_wrap=True)
+
+    with export_display(console) as progress:
         report = export_bundle(target, args.output, drafters, accuracy_level=args.accuracy_level,
                                self_speculative=args.self_speculative, drafter_kernels=args.drafter_kernels,
                                eight_bit=args.eight_bit, fused_ops=not args.no_fused_ops, threads=args.threads,
-                               parity=not args.no_parity, overwrite=args.force, log=lambda m: console.print(m),
-                               progress=progress)
-    finally:
-        if tasks:
-            bar.stop()
-    console.print(f"[bold green]bundle written:[/] {report.bundle} in {report.seconds:.1f} s")
+                               parity=not args.no_parity, overwrite=args.force, log=log, progress=progress)
+    _say(f"bundle written: {report.bundle} in {report.seconds:.1f} s", "bold green")
     for name, stats in report.models.items():
-        console.print(f"  {name}: {stats['graph_bytes'] / 1e6:.0f} MB, {stats['seconds']:.1f} s")
+        _say(f"  {name}: {stats['graph_bytes'] / 1e6:.0f} MB, {stats['seconds']:.1f} s")
     return 0
 
 
 def _gen_config(args) -> dict:
     config = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "top_k": args.top_k,
-              "top_p": args.top_p, "seed": args.seed, "truncate_prompt": args.truncate_prompt}
+              "top_p": args.top_p, "seed": args.seed, "truncate_prompt": args.truncate_prompt,
+              "min_p": args.min_p, "repetition_penalty": args.repetition_penalty,
+              "min_new_tokens": args.min_new_tokens}
     if args.stop:
         config["stop"] = tuple(args.stop)
     return config
@@ -82,7 +92,8 @@ def _load_engine(args):
                                     ngram_cache=False if args.no_ngram_cache else args.ngram_cache,
                                     ngram_static=args.ngram_static)
     return load(args.bundle, threads=args.threads, max_context=args.max_context,
-                history=history_choice(args.history, args.no_history, os.environ), speculation=speculation)
+                history=history_choice(args.history, args.no_history, os.environ), speculation=speculation,
+                providers=args.provider)
 
 
 def history_choice(on: bool, off: bool, environ) -> "bool | None":
@@ -103,24 +114,44 @@ def _announce_profiling(args) -> None:
     from .runtimes.runner import default_threads
 
     manifest = load_manifest(args.bundle)
-    if find_profile(manifest, args.threads or default_threads()) is None:
-        _console().print("[dim]measuring this device for the bundle (first use; cached, see `edgespec profile "
-                         "--list`)...[/]", highlight=False)
+    if find_profile(manifest, args.threads or default_threads(), providers=args.provider) is None:
+        _say("measuring this device for the bundle (first use; cached, see `edgespec profile --list`)...", "dim")
 
 
 def _stats_line(stats) -> str:
-    line = (f"{stats.new_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, first token "
-            f"{stats.time_to_first_token * 1000:.0f} ms, prompt {stats.prompt_tokens} tokens")
-    if stats.drafter != "none":
-        line += (f"; {stats.drafter}: {stats.mean_accepted_tokens:.2f} tokens/step, "
-                 f"{stats.accepted_tokens}/{stats.drafted_tokens} drafts accepted")
-    return line
+    """One line of a generation's statistics (repl.stats_line)."""
+    from .repl import stats_line
+
+    return stats_line(stats)
+
+
+def read_prompt(argument: "str | None", stdin, default: "str | None") -> "str | None":
+    """The prompt of `generate` / `run`: `argument` itself; for "-", the text on stdin (at most MAX_STDIN_BYTES,
+    StdinError when empty); with no argument, stdin's text when stdin is not a terminal and holds some, else
+    `default`."""
+    from .cliargs import StdinError
+
+    if argument == "-":
+        text = read_stdin_text(stdin, MAX_STDIN_BYTES)
+        if not text.strip():
+            raise StdinError("the prompt on stdin is empty (a prompt of - reads stdin)")
+        return text
+    if argument is not None or default is None or stdin_is_terminal(stdin):
+        return argument if argument is not None else default
+    try:
+        text = read_stdin_text(stdin, MAX_STDIN_BYTES)
+    except OSError:  # a stream that cannot be read (closed, or a test runner's placeholder): the default
+        return default
+    return text if text.strip() else default
 
 
 def cmd_generate(args) -> int:
-    """`edgespec generate [PROMPT] -b BUNDLE`: stream one completion to stdout, its stats to stderr."""
+    """`edgespec generate [PROMPT|-] -b BUNDLE`: stream one completion to stdout, its stats to stderr (with a
+    marker when the token limit cut it)."""
+    from .repl import cut_marker
+
+    prompt = read_prompt(args.prompt, sys.stdin, DEFAULT_PROMPT)
     engine = _load_engine(args)
-    prompt = args.prompt if args.prompt is not None else DEFAULT_PROMPT
     stream = engine.chat_stream([{"role": "user", "content": prompt}], **_gen_config(args)) if args.chat else \
         engine.stream(prompt, **_gen_config(args))
     for piece in stream:
@@ -129,52 +160,45 @@ def cmd_generate(args) -> int:
     sys.stdout.write("\n")
     stats = engine.last_stats
     if args.json_stats:
-        print(json.dumps(stats.to_dict()))
+        print(json.dumps({**stats.to_dict(), "finish_reason": stream.result.finish_reason}))
     else:
-        _console().print(f"[dim]{_stats_line(stats)}[/]")
+        _say(_stats_line(stats) + cut_marker(stream.result, args.max_new_tokens), "dim")
     return 0
 
 
+def chat_bundle(model: "str | None", bundle: "str | None") -> str:
+    """The bundle folder of `edgespec chat` / `edgespec run`: --bundle as given, or MODEL resolved through the
+    managed store (edgespec.store.ensure_bundle: a bundle folder as is, a model name pulled and exported once).
+    ValueError when neither or both are given."""
+    if model and bundle:
+        raise ValueError("give a MODEL or --bundle, not both")
+    if bundle:
+        return bundle
+    if not model:
+        raise ValueError("name a MODEL (a model name or a bundle folder) or --bundle BUNDLE")
+    try:
+        from .store import ensure_bundle
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}.store":
+            raise
+        if os.path.isdir(model):
+            return model
+        raise ValueError(f"{model!r} is not a bundle folder, and this install has no model store to fetch it") from None
+    return str(ensure_bundle(model))
+
+
 def cmd_chat(args) -> int:
-    """`edgespec chat -b BUNDLE`: an interactive multi-turn chat on the terminal."""
-    console = _console()
+    """`edgespec chat [MODEL] [-b BUNDLE]` and `edgespec run MODEL [PROMPT|-]`: the interactive chat (edgespec.repl),
+    or one answer to PROMPT."""
+    from .repl import chat_command
+
+    args.bundle = chat_bundle(getattr(args, "model", None), args.bundle)
+    prompt = read_prompt(getattr(args, "prompt", None), sys.stdin, None)
     engine = _load_engine(args)
-    if not engine.entry.chat_template:
-        console.print("[yellow]this model has no chat template (a base model): using a plain-text fallback[/]")
-    messages = [{"role": "system", "content": args.system}] if args.system else []
-    console.print("[dim]/reset clears the history, /stats shows the last answer's stats, /quit exits; "
-                  "Ctrl-C stops an answer[/]")
-    while True:
-        try:
-            line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
-            console.print()
-            return 0
-        text = line.strip()
-        if not text:
-            continue
-        if text in ("/quit", "/exit"):
-            return 0
-        if text == "/reset":
-            messages = messages[:1] if args.system else []
-            engine.reset()
-            console.print("[dim]history cleared[/]")
-            continue
-        if text == "/stats":
-            console.print(json.dumps(engine.last_stats.to_dict() if engine.last_stats else {}, indent=2))
-            continue
-        messages.append({"role": "user", "content": text})
-        answer = []
-        try:
-            with engine.chat_stream(messages, **_gen_config(args)) as stream:  # Ctrl-C closes it: the engine is free
-                for piece in stream:
-                    answer.append(piece)
-                    sys.stdout.write(piece)
-                    sys.stdout.flush()
-        except KeyboardInterrupt:
-            sys.stdout.write(" [stopped]")
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(answer)})
+    try:
+        return chat_command(args, engine, _gen_config(args), prompt)
+    finally:
+        engine.close()
 
 
 def cmd_info(args) -> int:
@@ -187,16 +211,18 @@ def cmd_info(args) -> int:
         return 0
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
-    table = Table(title=f"bundle {manifest.root}")
+    table = Table(title=Text(f"bundle {manifest.root}"))  # Text: names and paths are never read as markup
     for col in ("model", "role", "arch", "layers", "heads/kv", "vocab", "quant", "top-1 vs ref", "ppl (ref)", "size MB"):
         table.add_column(col)
     for name, m in manifest.models.items():
         acc = m.accuracy
         size = sum(f.stat().st_size for f in m.graph_path.parent.iterdir()) / 1e6
-        table.add_row(name, m.role, m.architecture, str(m.num_layers), f"{m.num_heads}/{m.num_kv_heads}",
-                      str(m.vocab_size), m.quantization.get("mode", "?"),
-                      _percent(acc.get("top1_agreement")), _perplexity(acc), f"{size:.0f}")
+        cells = (name, m.role, m.architecture, str(m.num_layers), f"{m.num_heads}/{m.num_kv_heads}",
+                 str(m.vocab_size), str(m.quantization.get("mode", "?")),
+                 _percent(acc.get("top1_agreement")), _perplexity(acc), f"{size:.0f}")
+        table.add_row(*(Text(cell) for cell in cells))
     Console().print(table)
     return 0
 
@@ -237,43 +263,81 @@ def cmd_bench(args) -> int:
     return bench_main(args)
 
 
-def _add_generation_args(p) -> None:
-    """The sampling, context, drafting and history options of `generate` and `chat` (each bounded)."""
-    p.add_argument("--max-new-tokens", type=bounded_int(1, MAX_TOKENS), default=128,
-                   help=f"tokens to generate, 1 to {MAX_TOKENS}")
-    p.add_argument("--temperature", type=bounded_float(0.0, MAX_TEMPERATURE), default=0.0,
-                   help=f"0 = greedy (default), at most {MAX_TEMPERATURE:g}")
-    p.add_argument("--top-k", type=bounded_int(0, MAX_TOKENS), default=0,
-                   help=f"0 = off (default), at most {MAX_TOKENS}")
-    p.add_argument("--top-p", type=bounded_float(0.0, 1.0, lo_open=True), default=1.0, help="in (0, 1]; 1 = off")
-    p.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=None, help="0 to 2**64-1 (default: fresh)")
-    p.add_argument("--stop", action=at_most(MAX_STOPS), type=bounded_text(MAX_STOP_CHARS),
-                   help=f"stop string (repeatable, at most {MAX_STOPS}, 1 to {MAX_STOP_CHARS} characters each)")
-    p.add_argument("--threads", type=threads_arg(), default=None,
-                   help="intra-op threads, 1 to 4x the CPU count (default: the physical cores)")
-    p.add_argument("--max-context", type=bounded_int(1, MAX_TOKENS), default=4096,
-                   help=f"tokens of context, 1 to {MAX_TOKENS} (capped at the model's)")
-    p.add_argument("--truncate-prompt", action="store_true", help="keep the tail of a prompt over the context length")
-    p.add_argument("--drafter", default="ngram", metavar="SPEC",
-                   help="speculative drafter: ngram (default), draft[:NAME] (the bundle's drafter model), "
-                        "self[:exit=E|skip=a,b|layers=a-b] (the target with layers skipped), cross[:NAME] (a drafter "
-                        "with another tokenizer), stages joined by '>' (ngram>draft, ngram>cross), or none (plain "
-                        "decoding). Output is the same either way")
-    p.add_argument("--draft-budget", type=bounded_int(0, MAX_DRAFT_BUDGET), default=DEFAULT_DRAFT_BUDGET,
-                   help=f"most draft tree nodes per step, 0 to {MAX_DRAFT_BUDGET} (0: no drafting)")
-    _add_device_args(p)
-    p.add_argument("--ngram-cache", type=new_or_regular_file, default=None, metavar="PATH",
-                   help="persistent n-gram cache file, a regular file (default: one per bundle under "
-                        "~/.cache/edgespec/ngram)")
-    p.add_argument("--no-ngram-cache", action="store_true", help="no persistent n-gram cache")
-    p.add_argument("--ngram-static", type=regular_file, default=None, metavar="CACHE",
-                   help="a cache built by `edgespec ngram build` (a regular file)")
-    history = p.add_mutually_exclusive_group()
+GENERATION_GROUPS = (("sampling", "how each token is chosen"),
+                     ("context", "what the model sees"),
+                     ("speculation", "drafting; the output is the same with any drafter"),
+                     ("device", "where and how it runs"),
+                     ("history", "what is kept after the run (nothing by default)"),
+                     ("output", "how much is generated and how it is shown"))
+
+
+def _add_generation_args(p) -> dict:
+    """The sampling, context, speculation, device, history and output options of `generate`, `chat` and `run`
+    (each bounded), in argument groups; returns the groups by name for the command's own options."""
+    groups = {name: p.add_argument_group(name, what) for name, what in GENERATION_GROUPS}
+    sampling = groups["sampling"]
+    sampling.add_argument("--temperature", "--temp", type=bounded_float(0.0, MAX_TEMPERATURE), default=0.0,
+                          help=f"0 = greedy; at most {MAX_TEMPERATURE:g}")
+    sampling.add_argument("--top-k", type=bounded_int(0, MAX_TOKENS), default=0, help=f"0 = off; at most {MAX_TOKENS}")
+    sampling.add_argument("--top-p", type=bounded_float(0.0, 1.0, lo_open=True), default=1.0, help="in (0, 1]; 1 = off")
+    sampling.add_argument("--seed", type=bounded_int(0, MAX_SEED), default=None, help="0 to 2**64-1 (default: fresh)")
+    sampling.add_argument("--min-p", type=bounded_float(0.0, 1.0), default=0.0,
+                          help="keep the tokens at least MIN_P times as likely as the top one; 0 = off, at most 1")
+    sampling.add_argument("--repetition-penalty", type=bounded_float(0.0, MAX_REPETITION_PENALTY, lo_open=True),
+                          default=1.0, help=f"Hugging Face's penalty on tokens already in the prompt or output; "
+                                            f"1 = off, in (0, {MAX_REPETITION_PENALTY:g}]")
+    sampling.add_argument("--min-new-tokens", type=bounded_int(0, MAX_TOKENS), default=0,
+                          help="no EOS or stop string before this many new tokens; at most --max-new-tokens")
+    context = groups["context"]
+    context.add_argument("--max-context", "-c", type=bounded_int(1, MAX_TOKENS), default=4096,
+                         help=f"tokens of context, 1 to {MAX_TOKENS} (capped at the model's)")
+    context.add_argument("--truncate-prompt", action="store_true",
+                         help="keep the tail of a prompt over the context length (instead of an error)")
+    speculation = groups["speculation"]
+    speculation.add_argument("--drafter", default="auto", metavar="SPEC",
+                             help="speculative drafter: auto (n-grams, staged in front of a bundled drafter model "
+                                  "when its measured cost makes it pay), ngram, draft[:NAME] (the bundle's drafter model), "
+                                  "self[:exit=E|skip=a,b|layers=a-b] (the target with layers skipped), cross[:NAME] "
+                                  "(a drafter with another tokenizer), stages joined by '>' (ngram>draft, "
+                                  "ngram>cross), or none (plain decoding). Output is the same either way")
+    speculation.add_argument("--draft-budget", type=bounded_int(0, MAX_DRAFT_BUDGET), default=DEFAULT_DRAFT_BUDGET,
+                             help=f"most draft tree nodes per step, 0 to {MAX_DRAFT_BUDGET} (0: no drafting)")
+    speculation.add_argument("--ngram-cache", type=new_or_regular_file, default=None, metavar="PATH",
+                             help="persistent n-gram cache file, a regular file (default: one per bundle under "
+                                  "~/.cache/edgespec/ngram)")
+    speculation.add_argument("--no-ngram-cache", action="store_true", help="no persistent n-gram cache")
+    speculation.add_argument("--ngram-static", type=regular_file, default=None, metavar="CACHE",
+                             help="a cache built by `edgespec ngram build` (a regular file)")
+    device = groups["device"]
+    device.add_argument("--threads", "-t", type=threads_arg(), default=None,
+                        help="intra-op threads, 1 to 4x the CPU count (default: the physical cores)")
+    _add_device_args(device)
+    history = groups["history"].add_mutually_exclusive_group()
     history.add_argument("--history", action="store_true",
                          help="record each prompt and output (for `edgespec adapt`) in the bundle's history file "
                               "under ~/.cache/edgespec/history or $EDGESPEC_HISTORY_DIR, mode 0600; off by default "
                               "(EDGESPEC_HISTORY=1 turns it on too)")
     history.add_argument("--no-history", action="store_true", help=argparse.SUPPRESS)  # the old default, kept
+    output = groups["output"]
+    output.add_argument("--max-new-tokens", "-n", type=bounded_int(1, MAX_TOKENS), default=128,
+                        help=f"tokens to generate, 1 to {MAX_TOKENS}")
+    output.add_argument("--stop", action=at_most(MAX_STOPS), type=bounded_text(MAX_STOP_CHARS),
+                        help=f"stop string (repeatable, at most {MAX_STOPS}, 1 to {MAX_STOP_CHARS} characters each)")
+    return groups
+
+
+def _add_chat_args(p) -> None:
+    """The options of `chat` and `run`: the generation options, --system and --input-history."""
+    groups = _add_generation_args(p)
+    groups["context"].add_argument("--system", type=bounded_text(MAX_SYSTEM_CHARS), default=None, metavar="TEXT",
+                                   help=f"system prompt: sent first in every conversation, kept by /reset and when "
+                                        f"old turns are dropped to fit the context (1 to {MAX_SYSTEM_CHARS} "
+                                        "characters)")
+    groups["history"].add_argument("--input-history", action="store_true",
+                                   help="keep the lines you type (arrow-up recall) across sessions in "
+                                        "chat-input.txt under ~/.cache/edgespec/history or $EDGESPEC_HISTORY_DIR, mode "
+                                        "0600; off by default (no file is written)")
+    p.set_defaults(func=cmd_chat, max_new_tokens=512)
 
 
 def _add_device_args(p) -> None:
@@ -285,12 +349,17 @@ def _add_device_args(p) -> None:
     p.add_argument("--tree", default="auto", metavar="POLICY",
                    help="draft tree sizing: auto (plan from the device profile), plan, scores (cut by the drafter's "
                         "estimates), or a fixed shape chain:K / tree:WxD")
+    from .devices.profile import add_provider_option
+
+    add_provider_option(p)  # --provider NAME (repeatable)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argparse parser for every subcommand."""
-    parser = argparse.ArgumentParser(prog="edgespec", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    """The argparse parser for every subcommand (help with defaults, see cliargs.Parser); the description lists
+    every registered subcommand."""
+    parser = Parser(prog="edgespec", description=SUMMARY)
+    parser.add_argument("--version", action="version", version=f"edgespec {version()}")
+    sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
 
     p = sub.add_parser("export", help="export a target (+ drafters) into a bundle folder")
     p.add_argument("target", type=not_special_file, help="short model name, .gguf file or Hugging Face folder")
@@ -314,33 +383,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-fused-ops", action="store_true",
                    help="standard ONNX operators instead of ORT's fused ones (for measuring their benefit)")
     p.add_argument("--name", default=None, help="name of the target inside the bundle")
-    p.add_argument("--threads", type=threads_arg(), default=2, help="1 to 4x the CPU count (default 2)")
+    p.add_argument("--threads", "-t", type=threads_arg(), default=2, help="1 to 4x the CPU count")
     p.add_argument("--no-parity", action="store_true", help="skip the torch reference check")
     p.add_argument("--force", action="store_true", help="replace an existing bundle")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="generate a completion")
-    p.add_argument("prompt", nargs="?", default=None, help=f"prompt (default: {DEFAULT_PROMPT!r})")
-    p.add_argument("--bundle", "-b", required=True)
-    p.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
-    p.add_argument("--json-stats", action="store_true")
-    _add_generation_args(p)
+    p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT",
+                   help=f"prompt text, or - to read it from stdin (at most {MAX_STDIN_BYTES >> 20} MiB); without it, "
+                        f"stdin when that is not a terminal, else an example: {DEFAULT_PROMPT!r}")
+    p.add_argument("--bundle", "-b", required=True, type=not_special_file, help="bundle folder")
+    output = _add_generation_args(p)["output"]
+    output.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    output.add_argument("--json-stats", action="store_true", help="the stats as one JSON line on stdout")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive multi-turn chat")
-    p.add_argument("--bundle", "-b", required=True)
-    p.add_argument("--system", default=None)
-    _add_generation_args(p)
-    p.set_defaults(func=cmd_chat, max_new_tokens=512)
+    chat_help = ("interactive chat: /help lists its commands, \"\"\" starts a multi-line message,\nCtrl-C stops an "
+                 "answer, Ctrl-D leaves; the oldest turns are dropped when the\nconversation outgrows the context")
+    p = sub.add_parser("chat", help="interactive multi-turn chat", description=chat_help)
+    p.add_argument("model", nargs="?", default=None, type=not_special_file, metavar="MODEL",
+                   help="a model name (pulled and exported once into the managed store) or a bundle folder")
+    p.add_argument("--bundle", "-b", default=None, type=not_special_file, help="bundle folder (instead of MODEL)")
+    _add_chat_args(p)
+
+    p = sub.add_parser("run", help="chat with a model by name (fetched on first use), or answer one prompt",
+                       description=chat_help + ";\nwith PROMPT, one answer and exit")
+    p.add_argument("model", type=not_special_file, metavar="MODEL",
+                   help="a model name (pulled and exported once into the managed store) or a bundle folder")
+    p.add_argument("prompt", nargs="?", default=None, metavar="PROMPT",
+                   help=f"answer this one message and exit (- reads it from stdin, at most {MAX_STDIN_BYTES >> 20} "
+                        "MiB); without it, the interactive chat")
+    _add_chat_args(p)
+    p.set_defaults(bundle=None)
 
     p = sub.add_parser("info", help="describe a bundle")
     p.add_argument("bundle")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
-    p = sub.add_parser("models", help="list the known model sources, or fetch one")
-    p.add_argument("--fetch", metavar="NAME")
-    p.set_defaults(func=cmd_models)
+    from .store import register_cli as store_cli  # pull, models, rm
+
+    store_cli(sub)
 
     from .bench import add_arguments as bench_arguments
 
@@ -360,7 +443,33 @@ def build_parser() -> argparse.ArgumentParser:
     from .server import register_cli as serve_cli  # serve, serve-bench (starlette only when they run)
 
     serve_cli(sub)
+    parser.description = _describe_commands(sub)
     return parser
+
+
+def _describe_commands(sub) -> str:
+    """The top-level description: SUMMARY and the names of every registered subcommand (whichever module added
+    it, read from the subparsers: the list never goes stale), wrapped to the terminal's width."""
+    import shutil
+    import textwrap
+
+    width = max(40, min(100, shutil.get_terminal_size().columns) - 2)
+    names = ", ".join(sub.choices)
+    listing = textwrap.fill(f"commands: {names}. `edgespec COMMAND --help` describes one.", width,
+                            break_on_hyphens=False)
+    return f"{SUMMARY}\n\n{listing}"
+
+
+def version() -> str:
+    """The installed distribution's version (importlib.metadata), else edgespec.__version__."""
+    from importlib.metadata import PackageNotFoundError, version as dist_version
+
+    try:
+        return dist_version("edgespec")
+    except PackageNotFoundError:
+        from . import __version__
+
+        return __version__
 
 
 def missing_extra(exc: ImportError) -> "str | None":
@@ -403,7 +512,20 @@ def main(argv=None) -> int:
     except _expected_errors() as exc:
         if os.environ.get("EDGESPEC_DEBUG"):
             raise
-        return _fail(str(exc) or type(exc).__name__, 2)
+        return _fail(error_message(exc), 2)
+
+
+def error_message(exc: BaseException) -> str:
+    """The one line printed for an expected error: its text, where a context overflow names the CLI's flags
+    (--max-context, --truncate-prompt) instead of the Python API's argument (truncate_prompt=True)."""
+    from .runtimes.runner import ContextOverflow
+
+    text = str(exc) or type(exc).__name__
+    if isinstance(exc, ContextOverflow):
+        text = re.sub(r"\s*\(pass truncate_prompt=True[^)]*\)", "", text)
+        text += ": raise --max-context (up to the model's context length) or pass --truncate-prompt to keep the " \
+                "prompt's tail"
+    return text
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Argument types for the command line: bounded numbers, bounded lists and safe file paths.
+"""Argument types for the command line: bounded numbers, bounded lists and safe file paths; the help layout
+(`Parser`, `HelpFormatter`: defaults shown) and the bounded read of a prompt from stdin (`read_stdin_text`).
 
 Each factory returns an argparse ``type=`` callable (or ``action=`` class) that refuses a bad value with an
 ``argparse.ArgumentTypeError``; argparse then prints ``edgespec CMD: error: argument --OPTION: MESSAGE`` and exits
@@ -16,15 +17,71 @@ import os
 import stat
 from typing import Callable
 
-__all__ = ["MAX_ARG_CHARS", "MAX_PATH_CHARS", "MAX_SEED", "MAX_TOKENS", "THREAD_FACTOR", "at_most", "bounded_float",
-           "bounded_int", "bounded_text", "comma_items", "int_list", "max_threads", "new_or_regular_file",
-           "not_special_file", "regular_file", "threads_arg"]
+__all__ = ["MAX_ARG_CHARS", "MAX_PATH_CHARS", "MAX_SEED", "MAX_STDIN_BYTES", "MAX_TOKENS", "THREAD_FACTOR",
+           "HelpFormatter", "Parser", "StdinError", "at_most", "bounded_float", "bounded_int", "bounded_text",
+           "comma_items", "int_list", "max_threads", "new_or_regular_file", "not_special_file", "read_stdin_text",
+           "regular_file", "stdin_is_terminal", "threads_arg"]
 
 MAX_ARG_CHARS = 64  # a number written with more characters than this is refused unread
 MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
 MAX_TOKENS = 1 << 20  # --max-new-tokens, --max-context, --top-k: 1,048,576 (above every model's context/vocabulary)
 MAX_SEED = 2 ** 64 - 1  # what numpy's and torch's generators take
 THREAD_FACTOR = 4  # --threads may be at most this many times the CPU count
+MAX_STDIN_BYTES = 8 << 20  # a prompt read from stdin: 8 MiB (the chat template's render cap is 8 Mi characters)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Help with each option's default appended ("(default: 128)") unless its help already states one or the default
+    is None or False (flags, "unset"); descriptions keep their line breaks (the command list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or "(default" in text or any(action.default is v for v in (None, False)) or \
+                action.default == argparse.SUPPRESS:
+            return text
+        if not action.option_strings and action.nargs not in ("?", "*"):
+            return text
+        return f"{text} (default: %(default)s)" if text else "default: %(default)s"
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose help shows defaults (HelpFormatter); its subparsers, registered by any module,
+    are Parsers too (argparse makes them with the parent's class)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+class StdinError(ValueError):
+    """The prompt on stdin is over its limit, not UTF-8 or empty."""
+
+
+def stdin_is_terminal(stream) -> bool:
+    """Whether `stream` (sys.stdin) is an interactive terminal; a closed or replaced stream without isatty counts as
+    one (nothing is read from it)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, OSError, ValueError):
+        return True
+
+
+def read_stdin_text(stream, max_bytes: int = MAX_STDIN_BYTES) -> str:
+    """The UTF-8 text of `stream` (sys.stdin) up to its end, at most `max_bytes` bytes, one trailing newline (what
+    `echo` adds) removed. Reads at most `max_bytes + 1` bytes; StdinError when it is longer or not UTF-8."""
+    source = getattr(stream, "buffer", stream)
+    data = source.read(max_bytes + 1)
+    if isinstance(data, str):  # a text stream without a buffer (tests, wrappers)
+        data = data.encode("utf-8", "surrogatepass")
+    if len(data) > max_bytes:
+        raise StdinError(f"the prompt on stdin is over the limit of {max_bytes} bytes ({max_bytes >> 20} MiB)")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise StdinError(f"the prompt on stdin is not UTF-8 text (byte {exc.start})") from None
+    if text.endswith("\r\n"):
+        return text[:-2]
+    return text[:-1] if text.endswith("\n") else text
 
 
 def max_threads() -> int:

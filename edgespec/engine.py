@@ -15,7 +15,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Protocol
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Protocol
 
 import numpy as np
 
@@ -26,10 +26,11 @@ from .drafters.config import DEFAULT_DRAFT_BUDGET, SpeculationConfig
 from .drafters.factory import DrafterContext, make_drafter
 from .planner import Planner, StepPrediction, fit_to_shape, fixed_shape, rank_paths
 from .runtimes.manifest import BundleError, Manifest, ModelEntry, load_manifest
-from .runtimes.runner import ContextOverflow, ModelRunner, default_threads
-from .sampling import GenerationConfig, greedy, process_logits, sample
+from .runtimes.runner import ContextOverflow, ModelRunner, default_threads, resolve_providers
+from .sampling import (GenerationConfig, HistoryRules, TokenLogprob, check_single_prompt, generation_options, greedy,
+                       probabilities, sample, token_logprob)
 from .text import StopMatcher, StreamDecoder, Tokenizer, common_prefix_length
-from .verify import verify_exact
+from .verify import apply_history_rules, verify_exact
 
 if TYPE_CHECKING:
     from .devices.profile import DeviceProfile
@@ -51,6 +52,10 @@ class GenerationStats:
     draft_seconds: float = 0.0  # inside the drafter (propose and observe)
     verify_seconds: float = 0.0  # target forwards of the decode phase
     bookkeeping_seconds: float = 0.0  # tree checks, acceptance, KV commit
+    # decoding steps whose drafter proposed nothing (sat out, or found nothing) and the drafter's time on them: what
+    # merely following the text costs
+    idle_steps: int = 0
+    idle_draft_seconds: float = 0.0
     # the tree planner's predictions for its steps, and what those steps produced (how good the model is)
     predicted_steps: int = 0
     predicted_tokens: float = 0.0
@@ -101,6 +106,8 @@ class GenerationResult:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS or stop string), "length" (max_new_tokens or the context) or "cancelled"
     stats: GenerationStats = field(default_factory=GenerationStats)
+    # with logprobs=True: one TokenLogprob per token of token_ids (the raw model's log probabilities), else None
+    logprobs: list[TokenLogprob] | None = None
 
 
 class CancelFlag(Protocol):
@@ -144,7 +151,10 @@ class TextStream:
         self._cancel = _Cancel(cancel)
         self._pieces: list[str] = []
         self._result: GenerationResult | None = None
-        self._generator = engine._generate(ids, config, self._cancel, self._finished)
+        self._token_ids: list[int] = []  # the tokens kept so far
+        self._logprobs: list[TokenLogprob] | None = [] if config.logprobs else None  # one per token produced
+        self._generator = engine._generate(ids, config, self._cancel, self._finished, self._token_ids,
+                                           self._logprobs)
 
     def _finished(self, result: GenerationResult) -> None:
         result.text = "".join(self._pieces)
@@ -154,6 +164,14 @@ class TextStream:
     def result(self) -> GenerationResult | None:
         """The GenerationResult once the stream has ended or been closed (None before)."""
         return self._result
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        """With logprobs=True, one TokenLogprob per token kept so far (read it after each piece for the new ones;
+        a token's text may still be held back: a stop string's start, an unfinished character); None otherwise."""
+        if self._logprobs is None:
+            return None
+        return self._logprobs[:len(self._token_ids)]
 
     def __iter__(self) -> "TextStream":
         return self
@@ -171,7 +189,8 @@ class TextStream:
         """Stop now and release the engine; the result keeps what was generated."""
         self._generator.close()
         if self._result is None:  # closed before the first piece was asked for: nothing ran
-            self._result = GenerationResult("", [], "cancelled", GenerationStats(stopped_early=True))
+            self._result = GenerationResult("", [], "cancelled", GenerationStats(stopped_early=True),
+                                            None if self._logprobs is None else [])
 
     def __enter__(self) -> "TextStream":
         return self
@@ -211,9 +230,10 @@ class Engine:
 
     def __init__(self, manifest: Manifest, threads: int | None = None, max_context: int | None = None,
                  model: str | None = None, speculation: SpeculationConfig | None = None, history=None, *,
-                 session=None):
+                 session=None, providers=None):
         """`speculation`: the drafter, budget, tree policy, device profile and n-gram caches (default: plain
-        decoding with the default budget, tree policy and no profile); see `edgespec.load`."""
+        decoding with the default budget, tree policy and no profile); `providers`: the target's execution
+        providers; see `edgespec.load`."""
         if speculation is None:
             speculation = SpeculationConfig(drafter=None)
         elif not isinstance(speculation, SpeculationConfig):
@@ -222,6 +242,8 @@ class Engine:
         self._manifest = manifest
         self.entry: ModelEntry = manifest.models[model] if model else manifest.target_model
         self.threads = threads or default_threads()
+        chosen_providers = resolve_providers(providers)  # ProviderError (a ValueError) before anything loads
+        self.providers: list[str] = [name for name, _ in chosen_providers]  # the target's, CPU last
         try:
             self.tokenizer = Tokenizer(str(self.entry.tokenizer_path))
         except ValueError as exc:
@@ -234,16 +256,18 @@ class Engine:
         self._fixed_paths = None if tree in TREE_POLICIES else frozenset(rank_paths(fixed_shape(tree)))
         # the device profile (measured verification costs) drives the tree plan; without one, costs are measured as
         # we go
-        self.profile = _resolve_profile(speculation.device, manifest, self.entry, self.threads)
+        self.profile = _resolve_profile(speculation.device, manifest, self.entry, self.threads, self.providers)
         if session is None:  # a shared session (Engine.variant) loads no weights
             _check_memory(manifest, [self.entry], max_context, self.profile)
-        self._runner = ModelRunner(self.entry, threads=self.threads, max_context=max_context, session=session)
+        self._runner = ModelRunner(self.entry, threads=self.threads, max_context=max_context, session=session,
+                                   providers=chosen_providers)
         self._cached_ids: list[int] = []  # token ids whose K/V are committed in the runner's cache
         self._lock = threading.Lock()  # one generation at a time: other threads wait for it
         self._owner: int | None = None  # the thread holding the lock (its second generation would deadlock)
         self._running: _Cancel | None = None  # the stop signals of the generation running now
         self._ngram_files = (speculation.ngram_cache, speculation.ngram_static)  # as given (the rest is derived)
         self._closed = False
+        self._simulated_clock = False  # forwards are simulated and costed by the runner (see _use_target_runner)
         self.last_stats: GenerationStats | None = None
         self._warned_no_template = False
         if not isinstance(draft_budget, int) or isinstance(draft_budget, bool) or draft_budget < 0:
@@ -257,6 +281,7 @@ class Engine:
         # what the drafter factory knows of this engine (built once; never its private fields)
         self._drafter_context = DrafterContext(manifest, self.entry, self.tokenizer, self.threads, self.context_length,
                                                self.profile, self._verify_cost.cost, self._runner)
+        speculation, self._drafter_reason = self._resolve_auto(speculation)
         self.drafter: Drafter | None = make_drafter(speculation, self._drafter_context)
         self._planner: Planner | None = self._make_planner()
         self._warn_if_inexact_verification()
@@ -290,45 +315,60 @@ class Engine:
             text = text[len(bos):]  # encode() adds the BOS id itself
         return text
 
-    def generate(self, prompt: str | list[int], *, cancel: CancelFlag | None = None, **config) -> GenerationResult:
-        """Generate a completion of `prompt` (text or token ids). Keyword arguments are GenerationConfig fields
-        (max_new_tokens, temperature, top_k, top_p, seed, stop, ...); `cancel` is an optional flag (a
-        threading.Event) that stops the generation once set, as `Engine.cancel()` does.
+    def generate(self, prompt: str | list[int], *, cancel: CancelFlag | None = None,
+                 generation_config: "GenerationConfig | Mapping | object | None" = None,
+                 **config) -> GenerationResult:
+        """Generate a completion of `prompt` (one text or one list of token ids; a list of prompts raises
+        TypeError: there is no batching, call once per prompt). Keyword arguments are GenerationConfig fields
+        (max_new_tokens, temperature, top_k, top_p, min_p, repetition_penalty, min_new_tokens, seed, stop,
+        logprobs, top_logprobs...); `generation_config` is a transformers-like GenerationConfig or dict whose
+        fields the keyword arguments override (see `edgespec.sampling.generation_options`: what is read, what is
+        ignored, what raises); `cancel` is an optional flag (a threading.Event) that stops the generation once
+        set, as `Engine.cancel()` does.
 
         >>> engine.generate("def fib(n):", max_new_tokens=48, stop=["\\n\\n"]).text   # doctest: +SKIP
+        >>> engine.generate("def fib(n):", generation_config={"do_sample": True, "temperature": 0.7})  # doctest: +SKIP
         """
-        stream = self.stream(prompt, cancel=cancel, **config)
+        stream = self.stream(prompt, cancel=cancel, generation_config=generation_config, **config)
         for _ in stream:
             pass
         return stream.result
 
-    def stream(self, prompt: str | list[int], *, cancel: CancelFlag | None = None, **config) -> TextStream:
+    def stream(self, prompt: str | list[int], *, cancel: CancelFlag | None = None,
+               generation_config: "GenerationConfig | Mapping | object | None" = None, **config) -> TextStream:
         """Generate like `generate`, yielding text pieces as they come (never splitting a multi-byte character).
 
         Options and the prompt are checked at once (errors raise here, not at the first piece); the stream's
-        `result` holds the GenerationResult once it ends.
+        `result` holds the GenerationResult once it ends, and with logprobs=True `stream.logprobs` holds the
+        log probabilities of the tokens kept so far.
 
         >>> for piece in engine.stream("def fib(n):", max_new_tokens=48):   # doctest: +SKIP
         ...     print(piece, end="", flush=True)
         """
-        config = self._config(config)
+        check_single_prompt(prompt)
+        config = self._config(config, generation_config)
         return TextStream(self, self._prompt_ids(prompt, config), config, cancel)
 
-    def chat(self, messages: list[dict], *, cancel: CancelFlag | None = None, **config) -> GenerationResult:
+    def chat(self, messages: list[dict], *, cancel: CancelFlag | None = None,
+             generation_config: "GenerationConfig | Mapping | object | None" = None, **config) -> GenerationResult:
         """Answer the conversation `messages` ([{"role": ..., "content": ...}, ...]) under the model's chat template.
-        Successive turns reuse the cached prefix, and the n-gram drafter learns the session as it goes.
+        Successive turns reuse the cached prefix, and the n-gram drafter learns the session as it goes. Options as
+        `generate`.
 
         >>> engine.chat([{"role": "user", "content": "Write hello world in C."}]).text   # doctest: +SKIP
         """
-        return self.generate(self.render_chat(messages), cancel=cancel, **config)
+        return self.generate(self.render_chat(messages), cancel=cancel, generation_config=generation_config,
+                             **config)
 
-    def chat_stream(self, messages: list[dict], *, cancel: CancelFlag | None = None, **config) -> TextStream:
+    def chat_stream(self, messages: list[dict], *, cancel: CancelFlag | None = None,
+                    generation_config: "GenerationConfig | Mapping | object | None" = None,
+                    **config) -> TextStream:
         """Streaming form of `chat`.
 
         >>> for piece in engine.chat_stream([{"role": "user", "content": "Hi!"}]):   # doctest: +SKIP
         ...     print(piece, end="")
         """
-        return self.stream(self.render_chat(messages), cancel=cancel, **config)
+        return self.stream(self.render_chat(messages), cancel=cancel, generation_config=generation_config, **config)
 
     def cancel(self) -> bool:
         """Stop the generation running now, from any thread. It ends at its next prefill chunk or decoding step with
@@ -353,10 +393,34 @@ class Engine:
     @property
     def speculation(self) -> SpeculationConfig:
         """The speculation settings in force (the drafter by name, the tree policy resolved, the device profile by
-        name)."""
+        name), with `reason`: why this drafter (for the default "auto": the choice and the costs it rests on)."""
         drafter = None if self.drafter is None else self.drafter.name
         device = None if self.profile is None else self.profile.name
-        return SpeculationConfig(drafter, self._draft_budget, self.tree_policy, device, *self._ngram_files)
+        return SpeculationConfig(drafter, self._draft_budget, self.tree_policy, device, *self._ngram_files,
+                                 reason=self._drafter_reason)
+
+    def _resolve_auto(self, speculation: SpeculationConfig) -> tuple[SpeculationConfig, str]:
+        """`speculation` with drafter "auto" replaced by the choice of `edgespec.drafters.choice` (n-grams when the
+        chosen drafter model cannot be loaded: too big for the memory left, say), and the reason."""
+        from dataclasses import replace
+
+        from .drafters.choice import AUTO, choose_drafter
+        from .drafters.factory import same_vocabulary
+
+        spec = speculation.drafter
+        if not (isinstance(spec, str) and spec == AUTO):
+            named = "plain decoding" if spec is None or spec == "none" else "given"
+            return speculation, named
+        chosen, reason = choose_drafter(self._manifest, self.entry, self.profile, same_vocabulary)
+        if chosen != "ngram":
+            from .devices.memory import MemoryBudgetError
+
+            try:
+                _check_memory(self._manifest, [self.entry, self._manifest.models[chosen.rsplit(":", 1)[1]]],
+                              self.context_length, self.profile)
+            except MemoryBudgetError as exc:
+                chosen, reason = "ngram", f"auto: n-grams ({chosen} would not fit in memory: {exc})"
+        return replace(speculation, drafter=chosen), reason
 
     @contextmanager
     def _exclusive(self, timeout: float | None = None):
@@ -431,17 +495,18 @@ class Engine:
         speculation = SpeculationConfig(drafter, self._draft_budget if draft_budget is None else draft_budget, tree,
                                         device, ngram_cache, ngram_static)
         return Engine(self._manifest, threads=self.threads, max_context=self.context_length, model=self.entry.name,
-                      speculation=speculation, history=False, session=self._runner.session)
+                      speculation=speculation, history=False, session=self._runner.session, providers=self.providers)
 
     def set_drafter(self, drafter: "str | Drafter | None", **options) -> None:
-        """Switch drafting: None or "none" (plain decoding), "ngram", a drafter model spec (as `load`), or any
-        Drafter instance. Waits for a running generation."""
+        """Switch drafting: None or "none" (plain decoding), "auto" (the default choice), "ngram", a drafter model
+        spec (as `load`), or any Drafter instance. Waits for a running generation."""
         with self._exclusive():
             self._check_open()
             unknown = set(options) - {"ngram_cache", "ngram_static"}
             if unknown:
                 raise TypeError(f"set_drafter() got unexpected keyword argument(s): {', '.join(sorted(unknown))}")
             speculation = SpeculationConfig(drafter, self._draft_budget, self._tree, None, **options)
+            speculation, self._drafter_reason = self._resolve_auto(speculation)
             self.drafter = make_drafter(speculation, self._drafter_context)
             self._calibration = Calibration()  # what was learnt about the previous drafter's estimates is dropped
             self._planner = self._make_planner()
@@ -477,9 +542,18 @@ class Engine:
             return self._verify_cost.seconds(tokens, context)
         return self._verify_cost.cost(tokens)
 
+    def _use_target_runner(self, runner) -> None:
+        """Replace the target's runner by `runner`, whose forwards are simulated (`edgespec bench --replay`): each
+        forward's time is then its `last_seconds`, not the clock's."""
+        self._runner = runner
+        self._cached_ids = []
+        self._simulated_clock = True
+
     def _observe_cost(self, tokens: int, seconds: float) -> None:
         """Feed one forward's time to the cost model. When the engine's timings contradict the device profile (see
         `ProfileCost`), say so once per change and let the planner plan again with the corrected costs."""
+        if self._simulated_clock:
+            seconds = self._runner.last_seconds
         cost = self._verify_cost
         cost.observe(tokens, seconds)
         if isinstance(cost, ProfileCost) and cost.changed:
@@ -495,8 +569,13 @@ class Engine:
                               stacklevel=4)
 
     def _draft_seconds(self, depth: int, nodes: int) -> float:
-        """A model drafter's time for a tree `depth` deep: one forward per level (measured online, else from the
-        device profile's drafter measurements)."""
+        """A model drafter's time for a tree `depth` deep: its own estimate from the proposals it measured (staged
+        and cross-vocabulary drafters included: following the text, forwards with a stage's guesses riding along,
+        translation), else one forward per level (measured online, else from the device profile's drafter
+        measurements)."""
+        own = self.drafter.draft_seconds(depth, nodes)
+        if own is not None:
+            return own
         cost, runner = self.drafter.forward_cost, self.drafter.runner
         per_forward = cost.seconds if cost is not None else None
         if per_forward is None and self.profile is not None and runner is not None:
@@ -517,10 +596,13 @@ class Engine:
                           stacklevel=3)
 
     # ---- phases -----------------------------------------------------------------------------------------------
-    def _config(self, overrides: dict) -> GenerationConfig:
+    def _config(self, overrides: dict, generation_config=None) -> GenerationConfig:
+        """The checked GenerationConfig of keyword arguments `overrides` over `generation_config` (if any)."""
         unknown = set(overrides) - set(GenerationConfig.__dataclass_fields__)
         if unknown:
             raise TypeError(f"unknown generation option(s): {', '.join(sorted(unknown))}")
+        if generation_config is not None:
+            overrides = generation_options(generation_config, overrides)
         config = GenerationConfig(**overrides)
         config.validate()
         return config
@@ -562,18 +644,23 @@ class Engine:
         return logits
 
     def _choose(self, logits: np.ndarray, config: GenerationConfig, rng) -> int:
+        """The next token from logits the history rules were applied to: argmax, or a draw from `config`'s
+        distribution."""
         if config.is_greedy:
             return greedy(logits)
-        return sample(process_logits(logits, config.temperature, config.top_k, config.top_p), rng)
+        return sample(probabilities(logits, config), rng)
 
     def _tokens(self, ids: list[int], config: GenerationConfig, stats: GenerationStats,
-                budget: int, cancel: _Cancel) -> Iterator[int]:
+                budget: int, cancel: _Cancel, logprobs: list[TokenLogprob] | None = None) -> Iterator[int]:
         """The decoding loop: yields each new token id (the caller decides when to stop; `cancel` ends it before
         the next prefill chunk or step).
 
         Without a drafter every step scores one token; with one, each step verifies a draft tree and yields the
-        accepted tokens and the target's bonus token. `budget` bounds how many tokens the caller can take."""
+        accepted tokens and the target's bonus token. `budget` bounds how many tokens the caller can take. Both
+        paths choose from the logits after the same history rules (repetition penalty, min_new_tokens), and append
+        each token's TokenLogprob to `logprobs` (when given) before yielding it."""
         rng = np.random.default_rng(config.seed)
+        rules = HistoryRules(config, ids, self._stop_ids(config))
         self._replay = []
         drafter = self.drafter if self._draft_budget > 0 else None
         stats.drafter = drafter.name if drafter is not None else "none"
@@ -583,10 +670,13 @@ class Engine:
         if logits is None:
             return
         stats.steps = 1  # the prefill forward yields the first token (Spec-Bench counts it as a step)
-        token = self._choose(logits, config, rng)
+        token = self._choose(rules.row(logits), config, rng)
+        if logprobs is not None:
+            logprobs.append(token_logprob(logits, token, config.top_logprobs))
         if drafter is None:
             while True:
                 yield token
+                rules.push(token)
                 if cancel.is_set():
                     return
                 t = time.perf_counter()
@@ -595,7 +685,9 @@ class Engine:
                 stats.decode_seconds += seconds
                 self._observe_cost(1, seconds)
                 stats.steps += 1
-                token = self._choose(logits, config, rng)
+                token = self._choose(rules.row(logits), config, rng)
+                if logprobs is not None:
+                    logprobs.append(token_logprob(logits, token, config.top_logprobs))
         context = list(ids)
         produced = 0
         started = False
@@ -604,6 +696,7 @@ class Engine:
                 yield token
                 produced += 1
                 context.append(token)
+                rules.push(token)
                 if cancel.is_set():
                     return
                 t = time.perf_counter()
@@ -611,13 +704,15 @@ class Engine:
                     drafter.start(list(ids), config)
                     started = True
                     stats.draft_seconds += time.perf_counter() - t
-                accepted, token = self._speculate_step(context, config, rng, stats, budget - produced)
+                accepted, token = self._speculate_step(context, config, rng, stats, budget - produced, rules,
+                                                       logprobs)
                 stats.decode_seconds += time.perf_counter() - t
                 stats.steps += 1
                 for accepted_token in accepted:
                     yield accepted_token
                     produced += 1
                     context.append(accepted_token)
+                    rules.push(accepted_token)
         finally:
             if started:
                 t = time.perf_counter()
@@ -679,12 +774,14 @@ class Engine:
         return tree.chain_first(), prediction
 
     def _speculate_step(self, context: list[int], config: GenerationConfig, rng, stats: GenerationStats,
-                        remaining: int) -> tuple[list[int], int]:
+                        remaining: int, rules: HistoryRules | None = None,
+                        logprobs: list[TokenLogprob] | None = None) -> tuple[list[int], int]:
         """One draft -> verify -> commit round. `context[-1]` is the pending token (yielded, not yet cached).
 
-        The target scores the pending token and every tree node in one forward with the tree mask; the accepted
-        path's K/V are kept (no re-run) and the drafter learns what happened. Returns (accepted draft tokens, bonus
-        token); the bonus is the new pending token."""
+        The target scores the pending token and every tree node in one forward with the tree mask; the history
+        `rules` are applied at each node with its own path, the accepted path's K/V are kept (no re-run) and the
+        drafter learns what happened (from the raw logits). Returns (accepted draft tokens, bonus token); the bonus
+        is the new pending token. Appends their TokenLogprobs to `logprobs` when given."""
         t0 = time.perf_counter()
         draft_before, verify_before = stats.draft_seconds, stats.verify_seconds
         tree, prediction = self._draft(context, remaining, stats)
@@ -696,9 +793,14 @@ class Engine:
         seconds = time.perf_counter() - t
         stats.verify_seconds += seconds
         self._observe_cost(len(fed_tokens), seconds)
-        accepted_nodes, bonus, self._replay = verify_exact(tree, logits, config, rng)
+        scored = logits if rules is None else apply_history_rules(tree, logits, rules)
+        accepted_nodes, bonus, self._replay = verify_exact(tree, scored, config, rng)
         self._runner.commit([0] + [node + 1 for node in accepted_nodes])
         accepted = [int(tree.tokens[node]) for node in accepted_nodes]
+        if logprobs is not None:  # token i of accepted + [bonus] was chosen at row 0, then below each accepted node
+            rows = [0] + [node + 1 for node in accepted_nodes]
+            logprobs.extend(token_logprob(logits[row], token, config.top_logprobs)
+                            for row, token in zip(rows, accepted + [bonus]))
         if tree.scores is not None and len(tree):
             self._calibration.update(tree.scores, tree.parents, accepted_nodes)
         if prediction is not None:
@@ -712,6 +814,9 @@ class Engine:
                                           context_length=len(context)))
         stats.draft_seconds += time.perf_counter() - t
         elapsed = time.perf_counter() - t0
+        if not len(tree):
+            stats.idle_steps += 1
+            stats.idle_draft_seconds += stats.draft_seconds - draft_before
         inner = (stats.draft_seconds - draft_before) + (stats.verify_seconds - verify_before)
         stats.bookkeeping_seconds += elapsed - inner
         if self._replaying:
@@ -746,23 +851,25 @@ class Engine:
         return ids
 
     def _generate(self, ids: list[int], config: GenerationConfig, cancel: _Cancel,
-                  finished: "Callable[[GenerationResult], None]"):
+                  finished: "Callable[[GenerationResult], None]", out_ids: list[int] | None = None,
+                  logprobs: list[TokenLogprob] | None = None):
         """Generator of text pieces (what a TextStream iterates); returns the GenerationResult and hands it to
-        `finished` also when the caller closes it early."""
+        `finished` also when the caller closes it early. The kept tokens are appended to `out_ids` as they come,
+        and (with `logprobs`, a list) every produced token's TokenLogprob to `logprobs`."""
         with self._exclusive():
             self._check_open()
             stats = GenerationStats(prompt_tokens=len(ids))
             budget = min(config.max_new_tokens, self.context_length - len(ids))
             decoder = StreamDecoder(self.tokenizer)
             matcher = StopMatcher(list(config.stop))
-            out_ids: list[int] = []
+            out_ids = [] if out_ids is None else out_ids
             finish = "cancelled"
             t0 = time.perf_counter()
             self._running = cancel
-            tokens = self._tokens(ids, config, stats, budget, cancel) if budget > 0 else iter(())
+            tokens = self._tokens(ids, config, stats, budget, cancel, logprobs) if budget > 0 else iter(())
             try:
                 finish = yield from self._pieces(tokens, stats, t0, self._stop_ids(config), decoder, matcher, out_ids,
-                                                 budget)
+                                                 budget, config.min_new_tokens)
                 if cancel.hit:
                     finish = "cancelled"
             finally:  # also when the caller closed the stream early: the stats and the history stay right
@@ -772,14 +879,16 @@ class Engine:
                 stats.stopped_early = finish == "cancelled"
                 self.last_stats = stats
                 self._log(ids, out_ids)
-                result = GenerationResult(text="", token_ids=out_ids, finish_reason=finish, stats=stats)
+                result = GenerationResult(text="", token_ids=list(out_ids), finish_reason=finish, stats=stats,
+                                          logprobs=None if logprobs is None else logprobs[:len(out_ids)])
                 finished(result)
         return result
 
     def _pieces(self, tokens, stats: GenerationStats, t0: float, stop_ids: set[int], decoder: StreamDecoder,
-                matcher: StopMatcher, out_ids: list[int], budget: int):
+                matcher: StopMatcher, out_ids: list[int], budget: int, min_new_tokens: int = 0):
         """Text pieces of the token stream under the stop rules (EOS, stop strings, the budget); returns the finish
-        reason. Appends every kept token to `out_ids`."""
+        reason. Appends every kept token to `out_ids`. Stop strings are looked for only in the text that comes
+        after the first `min_new_tokens` tokens (EOS cannot come earlier: the history rules mask it)."""
         finish = "length"
         try:
             for token in tokens:
@@ -789,7 +898,8 @@ class Engine:
                     finish = "stop"
                     break
                 out_ids.append(token)
-                piece = matcher.push(decoder.push(token))
+                text = decoder.push(token)
+                piece = matcher.push(text) if len(out_ids) > min_new_tokens else text
                 if piece:
                     yield piece
                 if matcher.stopped:
@@ -813,7 +923,8 @@ def load(bundle_dir: "str | os.PathLike", threads: int | None = None, max_contex
          draft_budget: int = DEFAULT_DRAFT_BUDGET, ngram_cache: "str | os.PathLike | bool | None" = None,
          ngram_static: "str | os.PathLike | None" = None, history: "str | os.PathLike | bool | None" = None,
          device: "str | os.PathLike | DeviceProfile | None" = None, tree: str = SpeculationConfig.tree, *,
-         speculation: SpeculationConfig | None = None) -> Engine:
+         speculation: SpeculationConfig | None = None,
+         providers: "str | tuple[str, dict] | list[str | tuple[str, dict]] | None" = None) -> Engine:
     """Load a bundle folder (made by `edgespec export`) and return an Engine for its target (or the named model).
 
     `threads`: ONNX Runtime intra-op threads (default: the physical cores). `max_context`: tokens of context (default:
@@ -829,9 +940,14 @@ def load(bundle_dir: "str | os.PathLike", threads: int | None = None, max_contex
     trees are sized: "auto" (planned from the profile when there is one, else cut by the drafter's scores), "plan",
     "scores", or a fixed shape "chain:K" / "tree:WxD". `speculation`: the same settings as one SpeculationConfig
     (then leave drafter, draft_budget, tree, device, ngram_cache and ngram_static at their defaults).
+    `providers`: ONNX Runtime execution providers for the target, in order of preference, as onnxruntime takes them:
+    names ("XnnpackExecutionProvider", or short: "xnnpack", "coreml", "nnapi", "qnn", "dml") and (name, options
+    dict) pairs, at most 8; the CPU provider is always added last and runs every node the others do not take
+    (default: CPU only). Device profiles are kept per provider list. Drafter models run on the CPU provider.
 
     Raises BundleError (missing or corrupt bundle), MemoryBudgetError (it would not fit in memory) and ValueError
-    (bad settings), each naming the problem.
+    (bad settings; ProviderError for a provider this onnxruntime build lacks, naming the available ones), each
+    naming the problem.
 
     >>> engine = edgespec.load("bundles/qwen", device="auto")        # doctest: +SKIP
     >>> engine.generate("def add(a, b):", max_new_tokens=32).text   # doctest: +SKIP
@@ -848,7 +964,7 @@ def load(bundle_dir: "str | os.PathLike", threads: int | None = None, max_contex
             raise TypeError(f"give the speculation settings either as speculation=... or as arguments, not both "
                             f"({', '.join(sorted(changed))} given too)")
     return Engine(load_manifest(bundle_dir), threads=threads, max_context=max_context, model=model,
-                  speculation=given if speculation is None else speculation, history=history)
+                  speculation=given if speculation is None else speculation, history=history, providers=providers)
 
 
 def _check_memory(manifest: Manifest, models: list[ModelEntry], max_context: int | None, profile) -> None:
@@ -859,15 +975,15 @@ def _check_memory(manifest: Manifest, models: list[ModelEntry], max_context: int
     check_memory(manifest, models, max_context, profile=profile)
 
 
-def _resolve_profile(device, manifest: Manifest, entry: ModelEntry, threads: int):
-    """The DeviceProfile for `device` (see `load`), or None."""
+def _resolve_profile(device, manifest: Manifest, entry: ModelEntry, threads: int, providers: list[str]):
+    """The DeviceProfile for `device` (see `load`) on the execution `providers`, or None."""
     if device is None or device is False:
         return None
     from .devices.profile import DeviceProfile, resolve_device
 
     if isinstance(device, DeviceProfile):
         return device
-    return resolve_device(str(device), manifest, threads, entry=entry)
+    return resolve_device(str(device), manifest, threads, entry=entry, providers=providers)
 
 
 def _session_log(history, bundle_root, target_name: str):

@@ -1,7 +1,8 @@
 """`edgespec serve`: an OpenAI-compatible HTTP server for one engine (Starlette + uvicorn).
 
 Endpoints: `GET /health`, `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions` (both with
-`stream: true` as server-sent events). See docs/server.md for the fields, the errors, the limits, what is stored
+`stream: true` as server-sent events), `GET /metrics` (Prometheus, with `--metrics`: edgespec.servermetrics). A
+request's `model` may be the id or an alias, in any case (`ModelNames`). See docs/server.md for the fields, the errors, the limits, what is stored
 where, and the `edgespec` extension field that carries the speculation statistics.
 
 Concurrency: the engine runs one generation at a time, so every request becomes a `Job` in a bounded asyncio queue;
@@ -44,7 +45,8 @@ from urllib.parse import urlsplit
 
 from .runtimes.checks import is_finite_number, is_int
 from .runtimes.runner import ContextOverflow
-from .sampling import GenerationConfig
+from .sampling import MAX_REPETITION_PENALTY, MAX_TOP_LOGPROBS, GenerationConfig
+from .servermetrics import METRICS_HINT, MetricsMiddleware
 from .text import MAX_STOP_CHARS  # characters per stop string: the library's own limit (1,000)
 
 __all__ = ["APIError", "Job", "Service", "create_app", "serve", "register_cli", "run_job", "persist_caches",
@@ -62,7 +64,9 @@ PROMPT_CHARS_PER_TOKEN = 16  # ... and at most this many per token of the engine
 # tokenizer needs ~330 bytes per token, so a prompt that cannot fit is refused before it is tokenized
 MAX_PROMPT_IDS = 1 << 16  # token ids of a token-id prompt
 MAX_STOP_STRINGS = 4  # as OpenAI
-MAX_NAME_CHARS = 256  # a message's `name`, the request's `user`
+MAX_NAME_CHARS = 256  # a message's `name`, the request's `user`, a model alias
+MAX_ALIASES = 16  # --alias names of the served model
+MAX_ORIGINS = 64  # --allow-origin / --cors-origin web origins
 BODY_TIMEOUT = 30.0  # seconds to receive a whole request body (then 408 and the connection is closed)
 MAX_CONNECTIONS = 128  # concurrent connections and requests (uvicorn's limit_concurrency: over it, 503)
 MAX_KEY_FILE_BYTES = 64 * 1024  # --api-key-file
@@ -72,8 +76,8 @@ CANCEL_WAIT_SECONDS = 10.0  # at shutdown: how long a cancelled in-flight genera
 ROLES = ("system", "developer", "user", "assistant", "tool")
 # fields that would change the output in ways this server cannot honour: 400 unless they hold a neutral value
 UNSUPPORTED = {
-    "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "suffix": (None, ""),
-    "best_of": (None, 1), "tools": (None, []), "functions": (None, []), "tool_choice": (None, "none"),
+    "echo": (None, False), "suffix": (None, ""), "best_of": (None, 1), "tools": (None, []), "functions": (None, []),
+    "tool_choice": (None, "none"),
     "frequency_penalty": (None, 0), "presence_penalty": (None, 0), "logit_bias": (None, {}),
 }
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -188,7 +192,14 @@ def parse_request(body: dict, kind: str, model_id: str, max_tokens_limit: int | 
         "seed": seed(body.get("seed")),
         "stop": stop_strings(body.get("stop")),
         "ignore_eos": optional_bool(body, "ignore_eos", False),
+        "repetition_penalty": repetition_penalty(body.get("repetition_penalty")),
+        "min_p": min_p(body.get("min_p")),
+        "min_new_tokens": min_tokens(body.get("min_tokens")),
     }
+    if options["min_new_tokens"] > options["max_new_tokens"]:
+        raise invalid("min_tokens", f"'min_tokens' ({options['min_new_tokens']}) must be at most the maximum number "
+                                    f"of tokens ({options['max_new_tokens']})")
+    options["logprobs"], options["top_logprobs"] = logprob_fields(body, kind)
     try:
         GenerationConfig(**options).validate()
     except ValueError as exc:  # a combination the checks above let through
@@ -196,19 +207,41 @@ def parse_request(body: dict, kind: str, model_id: str, max_tokens_limit: int | 
     return CompletionRequest(kind, prompt, messages, options, stream, include_usage, user_field(body.get("user")))
 
 
-def check_model(model, model_id: str) -> None:
-    """`model` is required and must be the served model (404 model_not_found otherwise)."""
+def check_model(model, model_id: "str | ModelNames") -> None:
+    """`model` is required and must name the served model: its id or one of its aliases, in any case (see
+    `ModelNames`); 404 model_not_found naming them otherwise."""
     if model is None:
         raise invalid("model", "you must provide a model parameter", "missing_required_parameter")
     if not isinstance(model, str):
         raise invalid("model", f"'model' must be a string, got {json_type(model)}")
-    if model != model_id:
-        raise APIError(404, f"the model {shown(model)} does not exist; this server serves {model_id!r}",
-                       "invalid_request_error", "model", "model_not_found")
+    names = model_id if isinstance(model_id, ModelNames) else ModelNames(model_id)
+    if not names.matches(model):
+        raise names.not_found(model)
+
+
+@dataclass(frozen=True)
+class ModelNames:
+    """The names a client may use for the served model: the id (`--model-name`, else the bundle's target name) and
+    its aliases (the target's name, the bundle's folder name, `--alias` names), compared case-insensitively."""
+
+    id: str
+    aliases: tuple[str, ...] = ()
+
+    def matches(self, name: str) -> bool:
+        """Whether `name` is the id or an alias, ignoring case."""
+        wanted = name.casefold()
+        return any(wanted == known.casefold() for known in (self.id, *self.aliases))
+
+    def not_found(self, name: str) -> APIError:
+        """OpenAI's 404 `model_not_found`, naming the models this server answers to."""
+        also = f" (also accepted: {', '.join(repr(a) for a in self.aliases)})" if self.aliases else ""
+        return APIError(404, f"the model {shown(name)} does not exist; this server serves {self.id!r}{also}",
+                        "invalid_request_error", "model", "model_not_found")
 
 
 def check_unsupported(body: dict) -> None:
-    """Refuse options this server cannot honour (log probabilities, tools, penalties...)."""
+    """Refuse options this server cannot honour (tools, frequency / presence penalties, echo...). Log
+    probabilities are served (`logprob_fields`): the raw model's, in OpenAI's chat and completions shapes."""
     for name, neutral in UNSUPPORTED.items():
         value = body.get(name)
         if any(value is v or (type(value) is type(v) and value == v) for v in neutral):
@@ -287,6 +320,61 @@ def top_k(value) -> int:
     if not is_int(value) or value < 0:
         raise invalid("top_k", f"'top_k' must be an integer >= 0 (or -1 = off), got {shown(value)}")
     return value
+
+
+def repetition_penalty(value) -> float:
+    """Extension (as vLLM): Hugging Face's repetition penalty in (0, MAX_REPETITION_PENALTY]; 1 = off."""
+    if value is None:
+        return 1.0
+    if not is_finite_number(value) or not 0 < value <= MAX_REPETITION_PENALTY:
+        raise invalid("repetition_penalty", f"'repetition_penalty' must be a number in (0, "
+                                            f"{MAX_REPETITION_PENALTY:g}] (1 = off), got {shown(value)}")
+    return float(value)
+
+
+def min_p(value) -> float:
+    """Extension (as vLLM): keep the tokens with probability >= min_p times the top one; [0, 1], 0 = off."""
+    if value is None:
+        return 0.0
+    if not is_finite_number(value) or not 0 <= value <= 1:
+        raise invalid("min_p", f"'min_p' must be a number in [0, 1] (0 = off), got {shown(value)}")
+    return float(value)
+
+
+def min_tokens(value) -> int:
+    """Extension (as vLLM): generate at least this many tokens before EOS or a stop string may end the answer."""
+    if value is None:
+        return 0
+    if not is_int(value) or value < 0:
+        raise invalid("min_tokens", f"'min_tokens' must be an integer >= 0, got {shown(value)}")
+    return value
+
+
+def logprob_fields(body: dict, kind: str) -> tuple[bool, int]:
+    """(logprobs, top_logprobs) of a request: chat's `logprobs` (boolean) and `top_logprobs` (0 to
+    MAX_TOP_LOGPROBS, needs logprobs true); completions' `logprobs` (an integer 0 to MAX_TOP_LOGPROBS: the
+    alternatives per token, null = none)."""
+    top = body.get("top_logprobs")
+    if kind == "chat":
+        wanted = optional_bool(body, "logprobs", False)
+        if top is None:
+            return wanted, 0
+        if not is_int(top) or not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise invalid("top_logprobs", f"'top_logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS}, got "
+                                          f"{shown(top)}")
+        if top and not wanted:
+            raise invalid("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        return wanted, top
+    if top is not None:
+        raise invalid("top_logprobs", "'top_logprobs' is a chat completions field; for completions give "
+                                      "'logprobs': N (the alternatives per token)", "unsupported_parameter")
+    value = body.get("logprobs")
+    if value is None:
+        return False, 0
+    if not is_int(value) or not 0 <= value <= MAX_TOP_LOGPROBS:
+        raise invalid("logprobs", f"'logprobs' must be an integer from 0 to {MAX_TOP_LOGPROBS} (the alternatives "
+                                  f"per token), got {shown(value)}")
+    return True, value
 
 
 def seed(value) -> int | None:
@@ -487,15 +575,99 @@ def extension_of(stats, queue_seconds: float) -> dict:
     }
 
 
+# ---- log probabilities in OpenAI's shapes ---------------------------------------------------------------------
+LOGPROB_FLOOR = -9999.0  # what a log probability of -inf is sent as (JSON has no infinity; OpenAI uses this value)
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: the character standing for each byte value."""
+    kept = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in kept:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+BYTE_LEVEL_CHARS = _byte_level_decoder()
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
+def token_text(tokenizer, token_id: int) -> tuple[str, list[int]]:
+    """A token's text and its UTF-8 bytes (OpenAI's `token` and `bytes`). A token that is part of a character
+    decodes to U+FFFD; its bytes are then read from the vocabulary form (byte-level BPE's alphabet, SentencePiece's
+    <0xNN> byte tokens)."""
+    text = tokenizer.decode([token_id], skip_special_tokens=False)
+    if "\ufffd" not in text:
+        return text, list(text.encode("utf-8"))
+    piece = tokenizer.id_to_token(token_id) or ""
+    fallback = BYTE_FALLBACK.fullmatch(piece)
+    if fallback:
+        return text, [int(fallback.group(1), 16)]
+    if piece and all(ch in BYTE_LEVEL_CHARS for ch in piece):
+        return text, [BYTE_LEVEL_CHARS[ch] for ch in piece]
+    return text, list(text.encode("utf-8"))
+
+
+def _finite(logprob: float) -> float:
+    return logprob if math.isfinite(logprob) else LOGPROB_FLOOR
+
+
+def logprob_entries(tokenizer, logprobs) -> list[dict]:
+    """OpenAI's chat `logprobs.content` items for a list of `edgespec.sampling.TokenLogprob`: token, logprob,
+    bytes and top_logprobs (each a token, logprob and bytes). Run on the engine thread (it decodes tokens)."""
+    texts: dict[int, tuple[str, list[int]]] = {}
+
+    def item(token_id: int, logprob: float) -> dict:
+        if token_id not in texts:
+            texts[token_id] = token_text(tokenizer, token_id)
+        text, raw = texts[token_id]
+        return {"token": text, "logprob": _finite(logprob), "bytes": raw}
+
+    return [{**item(lp.token_id, lp.logprob), "top_logprobs": [item(t, v) for t, v in lp.top]} for lp in logprobs]
+
+
+def completion_logprobs(entries: list[dict], offset: int) -> dict:
+    """The legacy completions `logprobs` object for chat-style `entries`: tokens, token_logprobs, top_logprobs (per
+    token a {token: logprob} map of the alternatives and the chosen token, as OpenAI) and text_offset (each token's
+    character offset in the answer, from `offset`)."""
+    offsets = []
+    for entry in entries:
+        offsets.append(offset)
+        offset += len(entry["token"])
+    return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{**{t["token"]: t["logprob"] for t in e["top_logprobs"]}, e["token"]: e["logprob"]}
+                             for e in entries],
+            "text_offset": offsets}
+
+
 @dataclass
 class Reply:
-    """Builds the response objects of one request (chat.completion / text_completion and their chunks)."""
+    """Builds the response objects of one request (chat.completion / text_completion and their chunks). With
+    `logprobs`, every choice carries the log probabilities of its tokens (chat-style entries from
+    `logprob_entries`, shaped per endpoint); `text_offset` counts the characters of the tokens sent so far."""
 
     kind: str
     model: str
     include_usage: bool = False
     id: str = ""
     created: int = field(default_factory=lambda: int(time.time()))
+    logprobs: bool = False
+    text_offset: int = 0
+
+    def _logprobs(self, entries: list[dict] | None) -> dict | None:
+        """A choice's `logprobs` value for `entries` (None when not asked for)."""
+        if not self.logprobs:
+            return None
+        entries = entries or []
+        if self.kind == "chat":
+            return {"content": entries, "refusal": None}
+        shaped = completion_logprobs(entries, self.text_offset)
+        self.text_offset += sum(len(e["token"]) for e in entries)
+        return shaped
 
     def __post_init__(self) -> None:
         if not self.id:
@@ -504,34 +676,39 @@ class Reply:
     def _head(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
-    def full(self, text: str, result, queue_seconds: float) -> dict:
-        """The non-streaming response."""
+    def full(self, text: str, result, queue_seconds: float, entries: list[dict] | None = None) -> dict:
+        """The non-streaming response (`entries`: the tokens' log probabilities, when asked for)."""
         if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None,
-                      "finish_reason": result.finish_reason}
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": self._logprobs(entries), "finish_reason": result.finish_reason}
             head = self._head("chat.completion")
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": result.finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": self._logprobs(entries),
+                      "finish_reason": result.finish_reason}
             head = self._head("text_completion")
         return {**head, "choices": [choice], "usage": usage_of(result.stats),
                 "edgespec": extension_of(result.stats, queue_seconds)}
 
-    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False) -> dict:
-        """One streaming chunk: the role (chat, first), a text piece, or the finish reason."""
+    def chunk(self, text: str | None = None, finish_reason: str | None = None, role: bool = False,
+              entries: list[dict] | None = None) -> dict:
+        """One streaming chunk: the role (chat, first), a text piece, or the finish reason; `entries`: the log
+        probabilities of the tokens kept since the previous chunk (when asked for; none on the role chunk)."""
+        logprobs = None if role else self._logprobs(entries)
         if self.kind == "chat":
             delta = {"role": "assistant", "content": ""} if role else ({} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
             out = {**self._head("chat.completion.chunk"), "choices": [choice]}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}
             out = {**self._head("text_completion"), "choices": [choice]}
         if self.include_usage:
             out["usage"] = None
         return out
 
-    def final_chunks(self, result, queue_seconds: float) -> list[dict]:
-        """The chunk with the finish reason (and the `edgespec` field), then the usage chunk when asked for."""
-        last = self.chunk(finish_reason=result.finish_reason)
+    def final_chunks(self, result, queue_seconds: float, entries: list[dict] | None = None) -> list[dict]:
+        """The chunk with the finish reason (and the `edgespec` field, and the log probabilities of tokens kept
+        after the last piece), then the usage chunk when asked for."""
+        last = self.chunk(finish_reason=result.finish_reason, entries=entries)
         extension = extension_of(result.stats, queue_seconds)
         last["edgespec"] = extension
         chunks = [last]
@@ -567,8 +744,9 @@ class Ticket:
 class Job:
     """One request's work for the engine thread, and the asyncio queue its events come back on.
 
-    Events: ("start", None) once the prompt is accepted (streaming), ("piece", text) (streaming), ("done", (text,
-    GenerationResult)) and ("error", APIError). `client` is who the request's cached state belongs to (see
+    Events: ("start", None) once the prompt is accepted (streaming), ("piece", (text, logprob entries or None))
+    (streaming), ("done", (text, GenerationResult, logprob entries or None: all of them, or those after the last
+    piece)) and ("error", APIError). `client` is who the request's cached state belongs to (see
     `client_identity`; None: nobody, it is never reused)."""
 
     request: CompletionRequest
@@ -580,6 +758,7 @@ class Job:
     client: str | None = None
     ticket: Ticket | None = None
     answered: bool = False  # a "done" or "error" event was posted
+    result: object = None  # the GenerationResult of a finished generation (for the metrics)
     _cancelled: threading.Event = field(default_factory=threading.Event)
 
     @property
@@ -602,6 +781,8 @@ class Job:
         """Send an event to the request handler (thread-safe)."""
         if kind in ("done", "error"):
             self.answered = True
+        if kind == "done":
+            self.result = value[1]  # value: (text, GenerationResult, ...)
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, (kind, value))
         except RuntimeError:  # the event loop is closed: nobody is listening
@@ -635,8 +816,10 @@ def run_job(engine, job: Job, isolate: bool = False) -> None:
     if job.request.stream:
         job.post("start")
     pieces: list[str] = []
+    feed = LogprobFeed(getattr(engine, "tokenizer", None), bool(job.request.options.get("logprobs")))
     try:
-        result = drain(generator, job, pieces)
+        result = drain(generator, job, pieces, feed)
+        entries = None if result is None else feed.new(getattr(result, "logprobs", None))  # all, or the rest
     except BaseException as exc:  # noqa: BLE001  an engine failure mid-generation: 500, the server stays up
         logger.error("generation failed: %s: %s", type(exc).__name__, exc, exc_info=exc)
         job.post("error", engine_failure(exc))
@@ -647,7 +830,7 @@ def run_job(engine, job: Job, isolate: bool = False) -> None:
         if job.cancel_error is not None:
             job.post("error", job.cancel_error)
         return
-    job.post("done", ("".join(pieces), result))
+    job.post("done", ("".join(pieces), result, entries))
 
 
 def close_quietly(generator) -> None:
@@ -676,8 +859,24 @@ def open_stream(engine, request: CompletionRequest, cancel: threading.Event | No
         raise engine_failure(exc) from None
 
 
-def drain(generator, job: Job, pieces: list[str]):
-    """Iterate the engine's generator until it returns its GenerationResult (or None when the job is cancelled)."""
+class LogprobFeed:
+    """The log probabilities of one generation in OpenAI's entries (`logprob_entries`), handed out as the tokens
+    come: `new` returns those not handed out yet (None when not asked for). Used on the engine thread."""
+
+    def __init__(self, tokenizer, wanted: bool):
+        self.tokenizer, self.wanted, self.sent = tokenizer, wanted and tokenizer is not None, 0
+
+    def new(self, logprobs: list | None) -> list[dict] | None:
+        """Entries for `logprobs[sent:]` (the engine's TokenLogprobs of the tokens kept so far)."""
+        if not self.wanted or logprobs is None:
+            return None
+        fresh, self.sent = logprobs[self.sent:], max(self.sent, len(logprobs))
+        return logprob_entries(self.tokenizer, fresh)
+
+
+def drain(generator, job: Job, pieces: list[str], feed: LogprobFeed | None = None):
+    """Iterate the engine's generator until it returns its GenerationResult (or None when the job is cancelled).
+    Streaming, each piece is posted with the log probabilities of the tokens kept since the previous one."""
     while True:
         if job.cancelled:
             return None
@@ -686,7 +885,8 @@ def drain(generator, job: Job, pieces: list[str]):
         except StopIteration as stop:
             return stop.value
         if job.request.stream:
-            job.post("piece", piece)
+            entries = None if feed is None else feed.new(getattr(generator, "logprobs", None))
+            job.post("piece", (piece, entries))
         else:
             pieces.append(piece)
 
@@ -755,6 +955,58 @@ def engine_model_name(engine) -> str:
     return getattr(entry, "name", None) or "edgespec"
 
 
+def check_alias(name) -> str:
+    """A model alias: 1 to MAX_NAME_CHARS printable characters (ValueError otherwise)."""
+    if not isinstance(name, str) or not name or len(name) > MAX_NAME_CHARS or not name.isprintable():
+        raise ValueError(f"a model alias is 1 to {MAX_NAME_CHARS} printable characters, got {shown(name)}")
+    return name
+
+
+def model_names(engine, model_name: str | None = None, aliases=()) -> ModelNames:
+    """The served model's id (`model_name`, else the bundle's target name) and every other name a client may use:
+    the target's name, the bundle's folder name and `aliases` (at most MAX_ALIASES), duplicates (ignoring case)
+    dropped. ValueError for a bad alias."""
+    aliases = tuple(aliases or ())
+    if len(aliases) > MAX_ALIASES:
+        raise ValueError(f"at most {MAX_ALIASES} model aliases, got {len(aliases)}")
+    model_id = model_name or engine_model_name(engine)
+    bundle = getattr(engine, "bundle_path", None)
+    folder = os.path.basename(os.path.normpath(bundle)) if isinstance(bundle, str) and bundle else None
+    candidates = [engine_model_name(engine), folder, *(check_alias(a) for a in aliases)]
+    seen, kept = {model_id.casefold()}, []
+    for name in candidates:
+        if name and name.casefold() not in seen:
+            seen.add(name.casefold())
+            kept.append(name)
+    return ModelNames(model_id, tuple(kept))
+
+
+def bundle_created_time(engine, fallback: int) -> int:
+    """When the served bundle was made, in Unix seconds: its manifest's `created_at`, else the manifest file's
+    modification time; `fallback` for an engine without a bundle folder (a test double)."""
+    import datetime as dt
+
+    from .runtimes.files import read_json_capped
+    from .runtimes.manifest import MAX_MANIFEST_BYTES
+
+    bundle = getattr(engine, "bundle_path", None)
+    if not isinstance(bundle, str) or not bundle:
+        return fallback
+    path = os.path.join(bundle, "manifest.json")
+    try:
+        created = read_json_capped(path, MAX_MANIFEST_BYTES, ValueError, "a bundle manifest").get("created_at")
+        stamp = dt.datetime.fromisoformat(created)
+        if stamp.tzinfo is None:
+            stamp = stamp.replace(tzinfo=dt.timezone.utc)
+        return int(stamp.timestamp())
+    except (OSError, ValueError, TypeError, AttributeError, OverflowError):
+        pass
+    try:
+        return int(os.stat(path).st_mtime)
+    except (OSError, ValueError, OverflowError):
+        return fallback
+
+
 def memory_usage() -> dict:
     """This process's resident memory and its peak, in bytes (`edgespec.devices.memory`; absent when unknown)."""
     from .devices.memory import process_peak_rss_mb, process_rss_mb
@@ -809,6 +1061,7 @@ class Service:
         self.failure: str | None = None  # why the dispatcher stopped (then /health says "failed")
         self.persist_error: str | None = None  # why the caches could not be saved at shutdown
         self.cache_owner: object = _NOBODY  # the client whose state the engine holds
+        self.metrics = None  # a servermetrics.ServerMetrics when metrics are on (create_app)
         self._current: asyncio.Future | None = None
         self._dispatcher: asyncio.Task | None = None
         self._closed = False
@@ -841,6 +1094,7 @@ class Service:
             try:
                 await asyncio.shield(self._current)
                 self.cache_owner = job.client if job.client is not None else _NOBODY
+                self.record_generation(job)
             except asyncio.CancelledError:
                 if not self._current.done() or self._current.cancelled():
                     raise  # the dispatcher itself is cancelled (shutdown)
@@ -850,6 +1104,16 @@ class Service:
             finally:
                 self.in_flight = None
                 self.served += 1
+
+    def record_generation(self, job: Job) -> None:
+        """Add a finished job's counts and timings to the metrics (when on); a failure there is logged only."""
+        stats = getattr(job.result, "stats", None)
+        if self.metrics is None or stats is None:
+            return
+        try:
+            self.metrics.observe_generation(stats, job.queue_seconds, job.result.finish_reason)
+        except Exception as exc:  # noqa: BLE001  metrics never cost a request or the dispatcher
+            logger.error("could not record metrics: %s: %s", type(exc).__name__, exc)
 
     def _job_failed(self, job: Job, exc: BaseException) -> None:
         logger.error("job failed: %s: %s", type(exc).__name__, exc)
@@ -1130,8 +1394,13 @@ class Routes:
 
     def __init__(self, service: Service, model_id: str, api_keys: tuple[str, ...], max_tokens_limit: int | None,
                  request_timeout: float | None, max_body_bytes: int, default_chat_tokens: int,
-                 body_timeout: float | None = BODY_TIMEOUT, max_text_chars: int = MAX_TEXT_CHARS):
+                 body_timeout: float | None = BODY_TIMEOUT, max_text_chars: int = MAX_TEXT_CHARS, *,
+                 names: "ModelNames | None" = None, created: int = 0, context_length: int | None = None,
+                 metrics=None):
         self.service, self.model_id, self.api_keys = service, model_id, api_keys
+        self.names = names or ModelNames(model_id)  # the id and the aliases a request's `model` may use
+        self.created, self.context_length = created, context_length  # for the model card
+        self.metrics = metrics  # a servermetrics.ServerMetrics, or None: /metrics is off
         self.max_text_chars = max_text_chars
         self.max_tokens_limit, self.request_timeout, self.max_body_bytes = max_tokens_limit, request_timeout, \
             max_body_bytes
@@ -1192,14 +1461,29 @@ class Routes:
         return _json_response({"object": "list", "data": [self.model_card()]})
 
     async def model(self, request, key=None):
-        """GET /v1/models/{model}."""
-        if request.path_params["model"] != self.model_id:
-            raise APIError(404, f"the model {shown(request.path_params['model'])} does not exist",
-                           "invalid_request_error", "model", "model_not_found")
+        """GET /v1/models/{model}: the id or an alias, in any case."""
+        if not self.names.matches(request.path_params["model"]):
+            raise self.names.not_found(request.path_params["model"])
         return _json_response(self.model_card())
 
     def model_card(self) -> dict:
-        return {"id": self.model_id, "object": "model", "created": 0, "owned_by": "edgespec"}
+        """OpenAI's model object, with the context length (`context_length`, and vLLM's `max_model_len`), the
+        bundle's creation time and the other names the model answers to (`aliases`)."""
+        card = {"id": self.model_id, "object": "model", "created": self.created, "owned_by": "edgespec",
+                "aliases": list(self.names.aliases)}
+        if self.context_length is not None:
+            card["context_length"] = card["max_model_len"] = self.context_length
+        return card
+
+    async def metrics_page(self, request, key=None):
+        """GET /metrics: Prometheus text format (404 with a hint when the server runs without --metrics)."""
+        if self.metrics is None:
+            raise APIError(404, f"metrics are off: start the server with --metrics ({METRICS_HINT})",
+                           "invalid_request_error", None, "not_found")
+        from starlette.responses import Response
+
+        body, content_type = self.metrics.exposition()
+        return Response(body, media_type=content_type)
 
     async def chat_completions(self, request, key=None):
         """POST /v1/chat/completions."""
@@ -1219,7 +1503,7 @@ class Routes:
         ticket = self.service.admit()
         try:
             body = await read_json(request, self.max_body_bytes, self.body_timeout)
-            spec = parse_request(body, kind, self.model_id, self.max_tokens_limit, default_tokens,
+            spec = parse_request(body, kind, self.names, self.max_tokens_limit, default_tokens,
                                  self.max_text_chars)
             del body  # a queued request holds only its checked fields
             job = await self.service.submit(spec, client_identity(key, spec.user), ticket)
@@ -1227,7 +1511,7 @@ class Routes:
             ticket.release()
             raise
         deadline = self.deadline()
-        reply = Reply(kind, self.model_id, spec.include_usage)
+        reply = Reply(kind, self.model_id, spec.include_usage, logprobs=bool(spec.options.get("logprobs")))
         try:
             event, value = await self.first_event(request, job, deadline)
         except ClientGone:
@@ -1237,8 +1521,8 @@ class Routes:
         if event == "error":
             raise value
         if not spec.stream:
-            text, result = value
-            return _json_response(reply.full(text, result, job.queue_seconds))
+            text, result, entries = value
+            return _json_response(reply.full(text, result, job.queue_seconds, entries))
         from starlette.responses import StreamingResponse
 
         return StreamingResponse(self.events(job, reply, deadline), media_type="text/event-stream",
@@ -1275,9 +1559,10 @@ class Routes:
                 except asyncio.TimeoutError:
                     event, value = "error", timed_out(self.request_timeout)
                 if event == "piece":
-                    yield sse(reply.chunk(text=value))
+                    text, entries = value
+                    yield sse(reply.chunk(text=text, entries=entries))
                 elif event == "done":
-                    for chunk in reply.final_chunks(value[1], job.queue_seconds):
+                    for chunk in reply.final_chunks(value[1], job.queue_seconds, value[2]):
                         yield sse(chunk)
                     break
                 else:  # an error after the headers went out: OpenAI's in-stream error event
@@ -1297,9 +1582,11 @@ def timed_out(seconds: float | None) -> APIError:
 def create_app(engine, model_name: str | None = None, api_key: "str | list[str] | tuple[str, ...] | None" = None,
                max_queue: int = 64, max_tokens_limit: int | None = None, request_timeout: float | None = None,
                shutdown_grace: float = 30.0, max_body_bytes: int = MAX_BODY_BYTES, *, shared_cache: bool = False,
-               body_timeout: float | None = BODY_TIMEOUT, allow_origins=(), allow_hosts=()):
+               body_timeout: float | None = BODY_TIMEOUT, allow_origins=(), allow_hosts=(), aliases=(),
+               metrics: bool = False):
     """The Starlette app serving `engine` (see the module docstring). `model_name`: the model id (default: the
-    bundle's target name); `api_key`: a key, or several (one per client: each key's cached state is its own),
+    bundle's target name); `aliases`: more names a request's `model` may use (at most MAX_ALIASES; the target's
+    name and the bundle's folder name are accepted anyway, any case); `api_key`: a key, or several (one per client: each key's cached state is its own),
     required as `Authorization: Bearer KEY` on /v1 routes when set; `max_queue`: requests that may be read or wait
     (more get 429); `max_tokens_limit`: the largest max_tokens accepted (and chat's default); `request_timeout`:
     seconds from arrival to the last token (504 / in-stream error past it); `shutdown_grace`: seconds the in-flight
@@ -1307,8 +1594,9 @@ def create_app(engine, model_name: str | None = None, api_key: "str | list[str] 
     tiers, the persistent n-gram cache: a timing side channel between clients) instead of wiping it between
     clients; without it an engine with a persistent cache is refused (ValueError); `body_timeout`: seconds to
     receive a body (408 past it); `allow_origins`: web origins (`https://app.example`, "*") accepted besides this
-    machine's; `allow_hosts`: Host names accepted besides IP addresses and localhost ("*": any). The Service is
-    `app.state.service`."""
+    machine's (at most MAX_ORIGINS; they also get CORS headers, preflight included); `allow_hosts`: Host names
+    accepted besides IP addresses and localhost ("*": any); `metrics`: serve Prometheus metrics at /metrics
+    (needs prometheus_client: RuntimeError naming the extra without it). The Service is `app.state.service`."""
     from starlette.applications import Starlette
     from starlette.exceptions import HTTPException
     from starlette.middleware import Middleware
@@ -1322,6 +1610,8 @@ def create_app(engine, model_name: str | None = None, api_key: "str | list[str] 
     if body_timeout is not None and not (is_finite_number(body_timeout) and body_timeout > 0):
         raise ValueError(f"body_timeout must be a number > 0, got {body_timeout!r}")
     keys = api_keys_of(api_key)
+    origins = web_origins(allow_origins)
+    names = model_names(engine, model_name, aliases)
     if not shared_cache and persistent_caches(engine):
         raise ValueError(f"the engine keeps a persistent cache that every client would share "
                          f"({', '.join(persistent_caches(engine))}): load it with ngram_cache=False, or pass "
@@ -1329,8 +1619,16 @@ def create_app(engine, model_name: str | None = None, api_key: "str | list[str] 
     service = Service(engine, max_queue=max_queue, shutdown_grace=shutdown_grace, shared_cache=shared_cache)
     context = getattr(engine, "context_length", None)
     default_chat = max_tokens_limit or (context if is_int(context) else 4096)
-    routes = Routes(service, model_name or engine_model_name(engine), keys, max_tokens_limit,
-                    request_timeout, max_body_bytes, default_chat, body_timeout, text_limit(engine))
+    if metrics:
+        from .servermetrics import ServerMetrics
+
+        service.metrics = ServerMetrics(queue_depth=lambda: service.queue.qsize() if service.queue else 0,
+                                        waiting=lambda: service.waiting,
+                                        in_flight=lambda: int(service.in_flight is not None))
+    routes = Routes(service, names.id, keys, max_tokens_limit,
+                    request_timeout, max_body_bytes, default_chat, body_timeout, text_limit(engine), names=names,
+                    created=bundle_created_time(engine, int(time.time())),
+                    context_length=context if is_int(context) else None, metrics=service.metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -1345,7 +1643,7 @@ def create_app(engine, model_name: str | None = None, api_key: "str | list[str] 
         return APIError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}",
                         "invalid_request_error", None, kind).response()
 
-    origins = [o.rstrip("/") for o in allow_origins]
+    counting = [] if service.metrics is None else [Middleware(MetricsMiddleware, metrics=service.metrics)]
     app = Starlette(
         routes=[
             Route("/health", routes.endpoint(routes.health, auth=False), methods=["GET"]),
@@ -1353,18 +1651,51 @@ def create_app(engine, model_name: str | None = None, api_key: "str | list[str] 
             Route("/v1/models/{model:path}", routes.endpoint(routes.model), methods=["GET"]),
             Route("/v1/chat/completions", routes.endpoint(routes.chat_completions), methods=["POST"]),
             Route("/v1/completions", routes.endpoint(routes.completions), methods=["POST"]),
+            Route("/metrics", routes.endpoint(routes.metrics_page), methods=["GET"]),
         ],
         middleware=[
+            *counting,  # outermost: the guard's refusals are counted too
             Middleware(RequestGuard, allowed_hosts=tuple(allow_hosts), allowed_origins=tuple(origins)),
+            # the guard has let only this machine's and the listed origins through: any request header is fine
             Middleware(CORSMiddleware, allow_origins=origins, allow_origin_regex=local_origin_pattern(),
-                       allow_methods=["GET", "POST"], allow_headers=["authorization", "content-type"], max_age=600),
+                       allow_methods=["GET", "POST"], allow_headers=["*"], max_age=600),
         ],
         exception_handlers={HTTPException: http_error},
         lifespan=lifespan,
     )
     app.state.service = service
     app.state.model_id = routes.model_id
+    app.state.model_names = names
+    app.state.metrics = service.metrics
     return app
+
+
+def check_origin(text) -> str:
+    """A web origin as the Origin header carries it (`https://app.example`, `http://host:8080`) or "*": lower case,
+    no trailing slash; ValueError for anything else (a path, a query, a user name, another scheme, over 512
+    characters)."""
+    if not isinstance(text, str) or not text.strip() or len(text) > 512:
+        raise ValueError(f"a web origin is 1 to 512 characters, got {shown(text)}")
+    origin = text.strip().lower().rstrip("/")
+    if origin == "*":
+        return origin
+    try:
+        parts = urlsplit(origin)
+        parts.port  # noqa: B018  (raises ValueError for a bad port)
+    except ValueError:
+        parts = None
+    if (parts is None or parts.scheme not in ("http", "https") or not parts.hostname or parts.path or parts.query
+            or parts.fragment or "@" in parts.netloc or any(c.isspace() for c in origin)):
+        raise ValueError(f"{shown(text)} is not a web origin: write scheme://host[:port], e.g. https://app.example")
+    return origin
+
+
+def web_origins(allow_origins) -> list[str]:
+    """`create_app`'s allow_origins checked (`check_origin`), at most MAX_ORIGINS."""
+    origins = list(allow_origins or ())
+    if len(origins) > MAX_ORIGINS:
+        raise ValueError(f"at most {MAX_ORIGINS} web origins, got {len(origins)}")
+    return [check_origin(o) for o in origins]
 
 
 def api_keys_of(api_key) -> tuple[str, ...]:
@@ -1412,7 +1743,7 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, *, model_name: str 
           max_tokens_limit: int | None = None, request_timeout: float | None = None, shutdown_grace: float = 30.0,
           log_level: str = "info", announce=print, shared_cache: bool = False,
           body_timeout: float | None = BODY_TIMEOUT, max_connections: int = MAX_CONNECTIONS, allow_origins=(),
-          allow_hosts=()) -> int:
+          allow_hosts=(), aliases=(), metrics: bool = False) -> int:
     """Serve `engine` until SIGTERM/SIGINT, then shut down gracefully (no new requests; the in-flight one finishes
     within `shutdown_grace` seconds or is cancelled; caches persisted). Returns the exit status: 0, or 1 when the
     caches could not be saved or the dispatcher had failed. The other arguments are `create_app`'s and
@@ -1421,7 +1752,7 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, *, model_name: str 
     app = create_app(engine, model_name=model_name, api_key=api_key, max_queue=max_queue,
                      max_tokens_limit=max_tokens_limit, request_timeout=request_timeout,
                      shutdown_grace=shutdown_grace, shared_cache=shared_cache, body_timeout=body_timeout,
-                     allow_origins=allow_origins, allow_hosts=hosts)
+                     allow_origins=allow_origins, allow_hosts=hosts, aliases=aliases, metrics=metrics)
     config = server_config(app, host, port, log_level=log_level, shutdown_grace=shutdown_grace,
                            max_connections=max_connections)
     service = app.state.service
@@ -1431,6 +1762,11 @@ def serve(engine, host: str = "127.0.0.1", port: int = 8000, *, model_name: str 
     announce("cache: " + ("shared by all clients (--shared-cache)" if shared_cache else
                           "per client (KV prefix and n-gram session state wiped between clients; no persistent "
                           "n-gram cache)"))
+    if app.state.model_names.aliases:
+        announce("model also answers to: " + ", ".join(repr(a) for a in app.state.model_names.aliases))
+    if metrics:
+        announce(f"metrics: http://{host}:{port}/metrics (Prometheus; counts and timings, no text"
+                 f"{'; API key required' if api_key else ''})")
     server.run()
     status = service.exit_status()
     if status:
@@ -1512,10 +1848,30 @@ def api_keys_from(args, environ) -> tuple[str, ...]:
     return keys
 
 
+def origin_arg(text: str) -> str:
+    """argparse type of --allow-origin / --cors-origin (see `check_origin`)."""
+    try:
+        return check_origin(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def alias_arg(text: str) -> str:
+    """argparse type of --alias (see `check_alias`)."""
+    try:
+        return check_alias(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def cmd_serve(args) -> int:
     """`edgespec serve`: load the bundle (no session history unless --history; no persistent n-gram cache unless
     --shared-cache) and serve it."""
     require_server_dependencies()
+    if args.metrics:
+        from .servermetrics import require_prometheus
+
+        require_prometheus()  # before the model is loaded
     from .engine import load
 
     keys = api_keys_from(args, os.environ)
@@ -1538,7 +1894,7 @@ def cmd_serve(args) -> int:
                  request_timeout=args.request_timeout, shutdown_grace=args.grace, log_level=args.log_level,
                  announce=say, shared_cache=args.shared_cache, body_timeout=args.body_timeout,
                  max_connections=args.max_connections, allow_origins=tuple(args.allow_origin or ()),
-                 allow_hosts=tuple(args.allow_host or ()))
+                 allow_hosts=tuple(args.allow_host or ()), aliases=tuple(args.alias or ()), metrics=args.metrics)
 
 
 def cmd_serve_bench(args) -> int:
@@ -1584,16 +1940,24 @@ def register_cli(subparsers) -> None:
     p.add_argument("--shared-cache", action="store_true",
                    help="let all clients share the engine's caches (prompt-prefix reuse, n-gram tiers) and keep the "
                         "persistent n-gram cache: faster, but a client can time whether another sent a text")
-    p.add_argument("--allow-origin", action=at_most(64), type=bounded_text(512), metavar="ORIGIN",
-                   help="a web origin (https://app.example) whose pages may call the server (repeatable; '*': any). "
-                        "Pages on this machine (localhost) always may; others get 403")
+    p.add_argument("--allow-origin", "--cors-origin", action=at_most(MAX_ORIGINS), type=origin_arg,
+                   metavar="ORIGIN", help=f"a web origin (https://app.example) whose pages may call the server: "
+                   f"accepted by the Origin check and given CORS headers, preflight included (repeatable, at most "
+                   f"{MAX_ORIGINS}; '*': any). Pages on this machine (localhost) always may; others get 403")
+    p.add_argument("--alias", action=at_most(MAX_ALIASES), type=alias_arg, metavar="NAME",
+                   help=f"another name a request's 'model' may use (repeatable, at most {MAX_ALIASES}, 1 to "
+                        f"{MAX_NAME_CHARS} characters); the bundle's target name and folder name are accepted "
+                        "anyway, in any case")
+    p.add_argument("--metrics", action="store_true",
+                   help=f"serve Prometheus metrics at /metrics (counts and timings, no text; the API key applies). "
+                        f"Needs prometheus_client: {METRICS_HINT}")
     p.add_argument("--allow-host", action=at_most(64), type=bounded_text(253), metavar="NAME",
                    help="a Host name to accept besides IP addresses, localhost and --host (repeatable; '*': any); "
                         "other names get 403 (DNS rebinding)")
     p.add_argument("--threads", type=threads_arg(), default=None, help="intra-op threads, 1 to 4x the CPU count")
     p.add_argument("--max-context", type=bounded_int(1, MAX_TOKENS), default=4096,
                    help=f"tokens of context, 1 to {MAX_TOKENS} (default 4096)")
-    p.add_argument("--drafter", default="ngram", metavar="SPEC", type=bounded_text(256),
+    p.add_argument("--drafter", default="auto", metavar="SPEC", type=bounded_text(256),
                    help="speculative drafter (see `generate`)")
     p.add_argument("--device", default="auto", metavar="NAME|auto|FILE|none", type=not_special_file,
                    help="device profile sizing the draft trees (see `generate`)")

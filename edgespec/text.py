@@ -5,7 +5,8 @@ Only ``tokenizers`` (Hugging Face's Rust tokenizer) is used: no torch, no transf
 * :class:`Tokenizer` wraps a ``tokenizer.json``.  ``encode`` never adds BOS/EOS by default: whether
   to prepend BOS is the caller's decision (manifest ``special_tokens.add_bos``).
 * :class:`StreamDecoder` turns a stream of token ids into a stream of text pieces whose
-  concatenation (plus :meth:`StreamDecoder.flush`) is exactly ``Tokenizer.decode(all_ids)``.
+  concatenation (plus :meth:`StreamDecoder.flush`) is exactly ``Tokenizer.decode(all_ids)``
+  (built on ``tokenizers.decoders.DecodeStream``).
 * :class:`StopMatcher` holds back text that may be the beginning of a stop string and cuts the
   text exactly before the first stop string.
 
@@ -22,6 +23,7 @@ import stat
 from collections.abc import Iterable
 
 import tokenizers
+from tokenizers.decoders import DecodeStream
 
 __all__ = ["Tokenizer", "StreamDecoder", "StopMatcher", "common_prefix_length", "check_stop_strings",
            "MAX_TOKENIZER_BYTES", "MAX_STOP_STRINGS", "MAX_STOP_CHARS"]
@@ -30,7 +32,7 @@ MAX_TOKENIZER_BYTES = 64 << 20  # a tokenizer.json is 2-35 MB (Gemma 3's, the la
 MAX_STOP_STRINGS = 16  # stop strings per generation (the server allows fewer: OpenAI's 4)
 MAX_STOP_CHARS = 1000  # characters per stop string
 
-_REPLACEMENT_CHAR = "\ufffd"
+_MAX_TOKEN_ID = 0xFFFFFFFF  # tokenizers' ids are u32
 # Encoded once when a tokenizer file is loaded: letters, digits, punctuation, whitespace, accents, CJK, an emoji.
 _SMOKE_TEXT = "Hello, World! 0123 x = a_b + c;\n\t caf\u00e9 \u00fcber \u65e5\u672c \U0001F600 <|im_end|>"
 
@@ -145,81 +147,82 @@ class StreamDecoder:
     whatever is still held back at the end.  Guarantee: ``"".join(pushes) + flush()`` equals
     ``tokenizer.decode(all_ids, skip_special_tokens)``.
 
-    Method (as text-generation-inference's ``decode_token``): two token offsets, ``prefix`` and
-    ``read``.  Each push decodes ``ids[prefix:]`` and emits what it adds to ``decode(ids[prefix:read])``;
-    the prefix tokens give the decoder context (leading-space handling), and the window only
-    spans the last two emissions, so a push costs O(1) amortized.  Text is held back while
+    The work is done by ``tokenizers.decoders.DecodeStream`` (Rust; text-generation-inference's
+    ``decode_token`` method: it decodes a window of the last tokens and emits what they add to the
+    text of the previous emission's tokens, so a push costs O(1) amortized, and it holds text that
+    ends in U+FFFD, an incomplete multi-byte UTF-8 sequence).  Around it:
 
-    * it ends in U+FFFD: an incomplete multi-byte UTF-8 sequence (byte-level BPE, e.g. Qwen, SmolLM2),
-    * the last decoded token is a SentencePiece byte-fallback token ``<0xNN>`` (Gemma 3): the
-      ``ByteFallback`` decoder turns a whole run of byte tokens into text at once and replaces
-      *every* byte of an invalid run by U+FFFD, so a run is only final once a non-byte token follows.
+    * skipped special tokens are dropped before decoding (they decode to nothing anyway);
+    * SentencePiece byte-fallback tokens ``<0xNN>`` (Gemma 3) are held here and handed over as one
+      run with the next other token: the ``ByteFallback`` decoder turns a whole run into text at
+      once and replaces *every* byte of an invalid run by U+FFFD, so a run is only final once a
+      non-byte token follows (fed byte by byte, a valid prefix of an invalid run would be emitted);
+    * a decoder whose text is not prefix-stable on some input (``DecodeStream`` raises) holds the
+      text, as for U+FFFD, until a later token settles it, else until ``flush``;
+    * ``flush`` decodes the held tokens after the last emission's tokens (the same context the stream
+      uses).
 
-    Skipped special tokens are dropped before decoding (they decode to nothing anyway), so long runs
-    of them cost nothing.  Worst case: a stream of never-completing invalid bytes keeps the window
-    growing until a clean character arrives (correct, just slower).
+    Measured against the same method written in Python (this class before): 20,000-27,000 tokens of code, prose,
+    accents, CJK and emoji, median of 9 runs on a 2-core machine shared with other jobs: 1.8 against 5.0 us per
+    token on Qwen2.5's tokenizer (2.5-3x), 1.8 against 4.9 on SmolLM2's, 3.3 against 5.8 on Gemma 3's (byte
+    fallback, 1.8x). A forward of the model takes milliseconds, so this is a saving of microseconds per token.
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self._tok = tokenizer
+        self._backend = tokenizer.backend
         self._skip = skip_special_tokens
         self._skip_ids = tokenizer.special_ids if skip_special_tokens else frozenset()
         self._byte_ids = tokenizer.byte_fallback_ids
-        self._ids: list[int] = []
-        self._prefix = 0
-        self._read = 0
-        self._prefix_text = ""
-        self._pending_bytes = False
-
-    def _decode(self, ids: list[int]) -> str:
-        return self._tok.decode(ids, skip_special_tokens=self._skip)
+        self._stream = DecodeStream(skip_special_tokens=skip_special_tokens)
+        self._context: list[int] = []  # the ids of the last emission: the stream's prefix
+        self._held: list[int] = []  # ids pushed since the last emission (stepped or not)
+        self._byte_run: list[int] = []  # trailing byte-fallback ids not yet handed to the stream
 
     def push(self, token_id: int) -> str:
         """Add one token id; return the newly completed text (possibly ``""``)."""
         tid = int(token_id)
+        if not 0 <= tid <= _MAX_TOKEN_ID:
+            raise ValueError(f"token id {tid} is out of range (0 to {_MAX_TOKEN_ID})")
         if tid in self._skip_ids:
             return ""
-        self._ids.append(tid)
-        self._pending_bytes = tid in self._byte_ids
-        if self._pending_bytes:
+        self._held.append(tid)
+        if tid in self._byte_ids:
+            self._byte_run.append(tid)
             return ""
-        text = self._decode(self._ids[self._prefix :])
-        if (
-            len(text) > len(self._prefix_text)
-            and not text.endswith(_REPLACEMENT_CHAR)
-            and text.startswith(self._prefix_text)
-        ):
-            new = text[len(self._prefix_text) :]
-            self._prefix, self._read = self._read, len(self._ids)
-            self._prefix_text = self._decode(self._ids[self._prefix : self._read])
-            # Keep only the window: earlier ids are never decoded again.
-            if self._prefix > 4096:
-                del self._ids[: self._prefix]
-                self._read -= self._prefix
-                self._prefix = 0
-            return new
-        return ""
+        if self._byte_run:
+            step, self._byte_run = self._byte_run + [tid], []
+        else:
+            step = tid
+        try:
+            piece = self._stream.step(self._backend, step)
+        except Exception as exc:  # noqa: BLE001
+            if type(exc) is not Exception:  # not the stream's own error: a bug to see
+                raise
+            return ""  # the stream's invalid-prefix error (a bare Exception): the text is not prefix-stable yet
+        if piece is None:
+            return ""
+        self._context, self._held = self._held, []
+        return piece
 
     def push_many(self, token_ids: Iterable[int]) -> str:
         """Push several ids; return the concatenated new text."""
         return "".join(self.push(t) for t in token_ids)
 
     def flush(self) -> str:
-        """Return all text still held back (incomplete characters become U+FFFD, as ``decode`` does)."""
-        text = self._decode(self._ids[self._prefix :])
-        if text.startswith(self._prefix_text):
-            rest = text[len(self._prefix_text) :]
-        else:  # decoder not prefix-stable on this input: best effort
-            n = 0
-            for a, b in zip(text, self._prefix_text):
-                if a != b:
-                    break
-                n += 1
-            rest = text[n:]
-        self._prefix = self._read = len(self._ids)
-        self._prefix_text = ""
-        self._pending_bytes = False
+        """Return all text still held back (incomplete characters become U+FFFD, as ``decode`` does) and start
+        afresh."""
+        rest = ""
+        if self._held:
+            prefix = self._decode(self._context)
+            text = self._decode(self._context + self._held)
+            rest = text[common_prefix_length(text, prefix):]  # all after the prefix (best effort if not a prefix)
+        self._stream = DecodeStream(skip_special_tokens=self._skip)
+        self._context, self._held, self._byte_run = [], [], []
         return rest
+
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
 
 
 def check_stop_strings(stop_strings: Iterable[str] | str) -> tuple[str, ...]:

@@ -11,6 +11,10 @@ function walks down from the root and returns `(accepted_nodes, bonus_token)`: t
 * `verify_rejection`: multi-draft tree rejection sampling with draft probabilities q (siblings drawn from q
   without replacement): try siblings in order, accept child x with probability min(1, p(x) / q(x)); on rejection
   p <- normalise(max(0, p - q)) and x is removed from q; if no child is accepted, sample from the residual p.
+
+The logits given to them must be the target's after the history rules (`apply_history_rules`: the repetition penalty
+over the prompt, the output and each node's own path, and the stop ids masked until min_new_tokens), so every row
+is what plain decoding would score at that position.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from .drafters.base import DraftTree
-from .sampling import GenerationConfig, process_logits, sample
+from .sampling import GenerationConfig, HistoryRules, probabilities, sample
 
 
 def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -26,6 +30,43 @@ def residual(p: np.ndarray, q: np.ndarray) -> np.ndarray:
     rest = np.maximum(p - q, 0.0)
     total = rest.sum()
     return rest / total if total > 0 else p
+
+
+def node_paths(tree: DraftTree) -> list[tuple[int, ...]]:
+    """The tokens from the root down to each node, the node's own token included (parents come before children)."""
+    paths: list[tuple[int, ...]] = []
+    for token, parent in zip(tree.tokens.tolist(), tree.parents.tolist()):
+        paths.append((paths[parent] if parent >= 0 else ()) + (int(token),))
+    return paths
+
+
+class RuledRows:
+    """The target's logits `[len(tree) + 1, V]` with the history rules applied as plain decoding would at each row:
+    row 0 after the context, row i + 1 after tree node i with the repetition penalty over the context plus the
+    node's path and the stop ids masked while the path leaves fewer than min_new_tokens new tokens. A row is
+    computed when first read: a verification walk reads only the rows on its way down."""
+
+    def __init__(self, tree: DraftTree, logits: np.ndarray, rules: HistoryRules):
+        self.logits, self.rules = logits, rules
+        self.paths = [()] + node_paths(tree)
+        self._rows: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.logits)
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if index not in self._rows:
+            self._rows[index] = self.rules.row(self.logits[index], self.paths[index])
+        return self._rows[index]
+
+
+def apply_history_rules(tree: DraftTree, logits: np.ndarray, rules: HistoryRules) -> "np.ndarray | RuledRows":
+    """What the verification functions must read for the target's `logits` of `tree`: `logits` itself when no
+    history rule is in force, else their RuledRows (each row under the rules of its own path)."""
+    if not rules.in_force:
+        return logits
+    return RuledRows(tree, logits, rules)
 
 
 def _child_with_token(tree: DraftTree, kids: list[int], token: int) -> int | None:
@@ -58,11 +99,10 @@ def verify_greedy(tree: DraftTree, logits: np.ndarray) -> tuple[list[int], int]:
 
 def verify_sampled(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
                    rng: np.random.Generator, stop_at: int | None = None) -> tuple[list[int], int]:
-    """Deterministic drafts: draw the target's token at each node (temperature/top-k/top-p applied) and follow the
+    """Deterministic drafts: draw the target's token at each node (temperature/top-k/top-p/min-p applied) and follow the
     matching child; the first draw that matches no child (or matches a child at `stop_at` or later) is the bonus.
     One draw per emitted token, as plain sampling makes."""
-    return follow_matches(tree, logits, lambda row: sample(
-        process_logits(row, config.temperature, config.top_k, config.top_p), rng), stop_at)
+    return follow_matches(tree, logits, lambda row: sample(probabilities(row, config), rng), stop_at)
 
 
 def verify_rejection(tree: DraftTree, logits: np.ndarray, config: GenerationConfig,
@@ -76,7 +116,7 @@ def verify_rejection(tree: DraftTree, logits: np.ndarray, config: GenerationConf
     accepted: list[int] = []
     node = -1
     while True:
-        p = process_logits(logits[node + 1], config.temperature, config.top_k, config.top_p)
+        p = probabilities(logits[node + 1], config)
         kids = children[node + 1]
         if not kids:
             return accepted, sample(p, rng)

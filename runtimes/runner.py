@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 import onnxruntime as ort
 
+from .checks import short_repr
 from .kvcache import KVCache, attention_bias, tree_ancestors, tree_depths
 from .manifest import BundleError, ModelEntry
 
@@ -23,13 +24,126 @@ class ContextOverflow(ValueError):
     """The prompt (plus what is to be generated) does not fit in the context length."""
 
 
+class ProviderError(ValueError):
+    """An execution provider that is malformed, unknown, or missing from the installed onnxruntime build."""
+
+
+CPU_PROVIDER = "CPUExecutionProvider"
+MAX_PROVIDERS = 8  # providers in one list (ORT builds have at most a handful)
+MAX_PROVIDER_OPTIONS = 64  # options per provider
+MAX_OPTION_CHARS = 4096  # characters of one option key or value (a path, for QNN's backend_path)
+PROVIDER_ALIASES = {"directml": "DmlExecutionProvider", "dml": "DmlExecutionProvider", "cpu": CPU_PROVIDER}
+# where a provider that this onnxruntime build lacks can be had (the error message names it)
+PROVIDER_PACKAGES = {
+    "XnnpackExecutionProvider": "the Android and iOS packages (onnxruntime-android, onnxruntime-objc) or a build "
+                                "with --use_xnnpack",
+    "NnapiExecutionProvider": "the Android package (onnxruntime-android)",
+    "CoreMLExecutionProvider": "the macOS wheels of onnxruntime and the iOS package",
+    "QNNExecutionProvider": "onnxruntime-qnn (Snapdragon Windows/Android)",
+    "DmlExecutionProvider": "onnxruntime-directml (Windows)",
+    "CUDAExecutionProvider": "onnxruntime-gpu",
+    "TensorrtExecutionProvider": "onnxruntime-gpu",
+    "OpenVINOExecutionProvider": "onnxruntime-openvino",
+}
+
+
 def default_threads() -> int:
     """Threads to use by default: the physical-ish core count (os.cpu_count, at most 8)."""
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def make_session(path: str, threads: int | None = None) -> ort.InferenceSession:
-    """An ORT CPU session with `threads` intra-op threads and full graph optimisation."""
+def _provider_name(name, available: list[str]) -> str:
+    """The ORT name of a provider written as its ORT name or, in any case, without "ExecutionProvider" ("xnnpack",
+    "CoreML", "qnn") or as an alias ("directml", "dml", "cpu"). ProviderError when it is not a short text, names no
+    provider ORT knows, or names one this onnxruntime build lacks (the message lists the available ones)."""
+    if not isinstance(name, str) or not name.strip() or len(name) > 64:
+        raise ProviderError(f"an execution provider name must be a non-empty text of at most 64 characters, got "
+                            f"{short_repr(name)}")
+    known = list(dict.fromkeys(available + ort.get_all_providers()))
+    key = name.strip().lower()
+    if key in PROVIDER_ALIASES:
+        resolved = PROVIDER_ALIASES[key]
+    else:
+        matches = [p for p in known if key in (p.lower(), p.lower().removesuffix("executionprovider"))]
+        if not matches:
+            raise ProviderError(f"unknown execution provider {name!r}; onnxruntime knows "
+                                f"{', '.join(sorted(p.removesuffix('ExecutionProvider') for p in known))}")
+        resolved = matches[0]
+    if resolved not in available:
+        where = PROVIDER_PACKAGES.get(resolved)
+        raise ProviderError(f"execution provider {resolved} is not in this onnxruntime build ({ort.__version__}); "
+                            f"available: {', '.join(available)}" + (f". It comes with {where}" if where else ""))
+    return resolved
+
+
+def _provider_options(name: str, options) -> dict[str, str]:
+    """`options` of provider `name` as ORT takes them: a dict of text keys and text values (numbers and bools are
+    written as text; ORT reads "1"/"0" for flags), at most MAX_PROVIDER_OPTIONS of MAX_OPTION_CHARS each."""
+    if not isinstance(options, dict):
+        raise ProviderError(f"the options of {name} must be a dict, got {type(options).__name__}")
+    if len(options) > MAX_PROVIDER_OPTIONS:
+        raise ProviderError(f"{name} has {len(options)} options, over the limit of {MAX_PROVIDER_OPTIONS}")
+    out = {}
+    for key, value in options.items():
+        if isinstance(value, bool):
+            value = "1" if value else "0"
+        if not isinstance(key, str) or not key or not isinstance(value, (str, int, float)):
+            raise ProviderError(f"{name} option {short_repr(key)}: keys must be non-empty text and values text or "
+                                f"numbers, got {short_repr(value)}")
+        if len(key) > MAX_OPTION_CHARS or len(str(value)) > MAX_OPTION_CHARS:
+            raise ProviderError(f"{name} option {short_repr(key)} is over {MAX_OPTION_CHARS} characters")
+        out[key] = str(value)
+    return out
+
+
+def resolve_providers(providers=None) -> list[tuple[str, dict[str, str]]]:
+    """The execution providers for a session, as (ORT name, options) pairs in order of preference, always ending
+    with the CPU provider (the fallback for every node another provider does not take).
+
+    `providers`: None (CPU only), one name, or a list of names and (name, options dict) pairs, as onnxruntime's
+    `InferenceSession(providers=...)` takes them; names as `_provider_name` reads them ("xnnpack",
+    "CoreMLExecutionProvider", ...). At most MAX_PROVIDERS of them, none twice. Raises ProviderError naming the
+    problem; a provider missing from the installed onnxruntime build is named with the ones available
+    (`onnxruntime.get_available_providers()`)."""
+    if providers is None:
+        return [(CPU_PROVIDER, {})]
+    if isinstance(providers, str) or (isinstance(providers, tuple) and len(providers) == 2
+                                      and isinstance(providers[1], dict)):
+        providers = [providers]  # one name, or one (name, options) pair
+    if not isinstance(providers, (list, tuple)):
+        raise ProviderError(f"providers must be a name or a list of names and (name, options) pairs, got "
+                            f"{type(providers).__name__}")
+    if len(providers) > MAX_PROVIDERS:
+        raise ProviderError(f"at most {MAX_PROVIDERS} execution providers, got {len(providers)}")
+    available = ort.get_available_providers()
+    resolved: list[tuple[str, dict[str, str]]] = []
+    for item in providers:
+        if isinstance(item, tuple):
+            if len(item) != 2:
+                raise ProviderError(f"a provider with options is a (name, options) pair, got {short_repr(item)}")
+            name, options = item
+        else:
+            name, options = item, {}
+        name = _provider_name(name, available)
+        if any(name == seen for seen, _ in resolved):
+            raise ProviderError(f"execution provider {name} is listed twice")
+        resolved.append((name, _provider_options(name, options)))
+    if not resolved or resolved[-1][0] != CPU_PROVIDER:
+        if any(name == CPU_PROVIDER for name, _ in resolved):
+            raise ProviderError(f"{CPU_PROVIDER} must come last: it runs every node the others do not take")
+        resolved.append((CPU_PROVIDER, {}))
+    return resolved
+
+
+def provider_names(providers=None) -> list[str]:
+    """The ORT names of `providers` (see `resolve_providers`), CPU last."""
+    return [name for name, _ in resolve_providers(providers)]
+
+
+def make_session(path: str, threads: int | None = None, providers=None) -> ort.InferenceSession:
+    """An ORT session with `threads` intra-op threads and full graph optimisation, on `providers` (see
+    `resolve_providers`; default: CPU only). Nodes that a provider does not take run on the CPU provider."""
+    chosen = resolve_providers(providers)
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads or default_threads()
     opts.inter_op_num_threads = 1
@@ -37,9 +151,10 @@ def make_session(path: str, threads: int | None = None) -> ort.InferenceSession:
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), sess_options=opts, providers=[name for name, _ in chosen],
+                                    provider_options=[options for _, options in chosen])
     except Exception as exc:  # ORT raises several exception types for unreadable graphs
-        raise BundleError(f"cannot load ONNX graph {path}: {exc}") from None
+        raise BundleError(f"cannot load ONNX graph {path} on {', '.join(n for n, _ in chosen)}: {exc}") from None
 
 
 _PAST_INPUT = re.compile(r"past_(?:key|value)_(\d+)")
@@ -65,10 +180,12 @@ class ModelRunner:
     """Runs one bundle model: tree-masked forwards over a speculation-ready KV cache."""
 
     def __init__(self, entry: ModelEntry, threads: int | None = None, max_context: int | None = None,
-                 session: ort.InferenceSession | None = None):
+                 session: ort.InferenceSession | None = None, providers=None):
+        """`providers`: the execution providers (see `resolve_providers`; default CPU) of the session made here;
+        a given `session` keeps its own."""
         self.entry = entry
         self.threads = threads or default_threads()
-        self.session = session or make_session(str(entry.graph_path), self.threads)
+        self.session = session or make_session(str(entry.graph_path), self.threads, providers)
         self.max_context = min(max_context or entry.context_length, entry.context_length)
         self._check_graph()
         self.cache = KVCache(entry.num_layers, entry.num_kv_heads, entry.head_dim, self.max_context)
@@ -130,6 +247,11 @@ class ModelRunner:
                 raise BundleError(f"{path}: draft head token ids must be increasing ids inside the vocabulary")
             self.draft_head_tokens = ids.astype(np.int64)
         self._draft_head_input = "draft_head" in names
+
+    @property
+    def providers(self) -> list[str]:
+        """The execution providers of the session, in order of preference (CPU last)."""
+        return list(self.session.get_providers())
 
     @property
     def length(self) -> int:

@@ -185,3 +185,48 @@ def assert_exact_or_near_tie(entry, prompt_ids: list[int], plain: list[int], spe
     assert margin < NEAR_TIE_BOUND, (
         f"{label}: speculative output differs from plain at token {diff} ({plain[diff]} vs {spec[diff]}) where the "
         f"target's top-2 margin is {margin:.3g}, not a near-tie")
+
+
+class DraftEvery:
+    """A stand-in for `PaysOff` that lets the drafter draft on one step in `every` and sit out the others: tests of
+    the lazy catch-up (a drafter that sat out feeds what it missed in one forward when it next drafts)."""
+
+    def __init__(self, every: int):
+        self.every, self.calls, self.skipped = every, 0, 0
+
+    def should_draft(self) -> bool:
+        self.calls += 1
+        ok = self.calls % self.every == 1
+        self.skipped += not ok
+        return ok
+
+    def observe(self, *args) -> None:
+        pass
+
+    def restart(self) -> None:
+        pass
+
+
+def forwards_while_sitting_out(drafter, schedule: DraftEvery) -> list[int]:
+    """Wrap `drafter.propose` and `observe`; returns a list that collects the drafter model's forwards made on the
+    steps the schedule sat out (it must stay all zeros)."""
+    idle_forwards: list[int] = []
+    propose, observe = drafter.propose, drafter.observe
+    state = {"idle": False, "before": 0}
+
+    def counted_propose(context, budget):
+        skipped = schedule.skipped
+        state["before"] = drafter.counters["forwards"]
+        tree = propose(context, budget)
+        state["idle"] = schedule.skipped > skipped
+        if state["idle"]:
+            idle_forwards.append(drafter.counters["forwards"] - state["before"])
+        return tree
+
+    def counted_observe(step):
+        observe(step)
+        if state["idle"]:
+            idle_forwards[-1] = drafter.counters["forwards"] - state["before"]
+
+    drafter.propose, drafter.observe = counted_propose, counted_observe
+    return idle_forwards

@@ -181,7 +181,8 @@ def _tables(md: str) -> list[list[list[str]]]:
 def test_markdown_shape():
     md = bench.render_markdown(_result(_rows()))
     assert md.startswith("# edgespec bench: m")
-    cats, systems = _tables(md)
+    cats, systems, costs = _tables(md)
+    assert costs[0][:2] == ["system", "prefill tok/s"] and len(costs) == 2 + 3
     header = cats[0]
     assert header == ["category", "n", "plain tok/s", "plain τ", "plain TTFT ms", "spec tok/s", "spec vs plain",
                       "spec τ", "spec TTFT ms", "peer tok/s", "plain/peer", "peer TTFT ms"]
@@ -201,7 +202,7 @@ def test_markdown_modes_only():
     rows = [r for r in _rows() if r["system"] == "plain"]
     result = _result(rows)
     result["systems"] = {"plain": result["systems"]["plain"]}
-    cats, systems = _tables(bench.render_markdown(result))
+    cats, systems, _costs = _tables(bench.render_markdown(result))
     assert cats[0] == ["category", "n", "plain tok/s", "plain τ", "plain TTFT ms"]
     assert len(systems) == 3
 
@@ -302,7 +303,8 @@ def test_add_arguments_defaults():
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     a = p.parse_args(["-b", "x"])
-    assert (a.mode, a.per_category, a.max_new_tokens, a.peers, a.no_peers) == ("plain", 2, 128, "hf,llama.cpp", False)
+    assert (a.mode, a.per_category, a.max_new_tokens, a.peers, a.no_peers) == ("plain", 2, 128, "hf,llama.cpp,optimum",
+                                                                                 False)
     assert p.parse_args(["-b", "x", "--modes", "plain,ngram"]).mode == "plain,ngram"
 
 

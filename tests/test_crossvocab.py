@@ -316,3 +316,24 @@ def test_sampling_with_translated_drafts_equals_plain_sampling(kind, cross_bundl
         got = engine.generate(prompt, seed=seed, max_new_tokens=30, ignore_eos=True, temperature=0.9, top_k=20)
         assert got.token_ids == want.token_ids, (kind, seed)
     assert engine.drafter.counters["nodes"] > 0
+
+
+@pytest.mark.parametrize("spec", ["cross", "ngram>cross"])
+def test_a_cross_drafter_sitting_out_runs_no_forward_and_catches_up_exactly(spec, cross_bundles, cross_plain):
+    """While the cross-vocabulary drafter sits out it neither decodes, re-encodes nor runs its model; the next
+    draft catches up on the missed text in one batched forward, and greedy output stays the plain target's."""
+    from spec_helpers import DraftEvery, forwards_while_sitting_out
+
+    engine = load(cross_bundles["mirror"], threads=2, drafter=spec, draft_budget=10, ngram_cache=False,
+                  tree="chain:6")
+    drafter: CrossVocabDrafter = engine.drafter
+    schedule = drafter.pays_off = DraftEvery(4)
+    idle_forwards = forwards_while_sitting_out(drafter, schedule)
+    accepted = 0
+    for i in range(len(PROMPTS)):
+        ids, expected = cross_plain["mirror", i]
+        result = engine.generate(ids, max_new_tokens=40, ignore_eos=True)
+        assert result.token_ids == expected, f"prompt {i}"
+        accepted += result.stats.accepted_tokens
+    assert accepted > 0 and schedule.skipped > 10
+    assert len(idle_forwards) == schedule.skipped and not any(idle_forwards)

@@ -407,7 +407,7 @@ def test_export_failing_midway_leaves_nothing(tiny_models, tmp_path, monkeypatch
 
     calls = []
 
-    def broken_build(spec, weights, out_dir, opts):
+    def broken_build(spec, weights, out_dir, opts, progress=None):
         Path(out_dir, "model.onnx").write_bytes(b"half a graph")
         Path(out_dir, "model.onnx.data").write_bytes(b"\x00" * 1024)
         calls.append(out_dir)
@@ -428,7 +428,7 @@ def test_export_failing_midway_leaves_nothing(tiny_models, tmp_path, monkeypatch
 def test_export_failing_in_the_parity_step_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     import edgespec.export.bundle as bundle_module
 
-    def broken_reference(kind, path):
+    def broken_reference(kind, path, progress=None):
         raise RuntimeError("reference model unavailable")
 
     monkeypatch.setattr(bundle_module.reference, "load_reference_model", broken_reference)
@@ -465,7 +465,7 @@ def test_export_over_an_existing_bundle(tiny_bundles, tiny_models, tmp_path, mon
     _no_leftovers(parent, "tiny")
 
     # with force but failing half-way: the old bundle survives intact and still loads
-    def broken_build(spec, weights, out_dir, opts):
+    def broken_build(spec, weights, out_dir, opts, progress=None):
         Path(out_dir, "model.onnx").write_bytes(b"half a graph")
         raise RuntimeError("disk full")
 

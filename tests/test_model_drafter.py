@@ -296,3 +296,21 @@ def test_one_unlucky_step_does_not_stop_drafting():
         pays.observe(tokens=4, seconds=1.5, plain_seconds=1.0)
     assert all(pays.should_draft() for _ in range(10)) and pays.skipped == 0
 
+
+
+@pytest.mark.parametrize("spec", ["draft", "ngram>draft"])
+def test_a_drafter_sitting_out_runs_no_forward_and_catches_up_exactly(spec, pair_bundles, plain_outputs):
+    """While the drafter sits out (PaysOff says drafting loses) it runs no forward at all; when it drafts again it
+    feeds the tokens it missed in one batched forward, and greedy output stays the plain target's."""
+    from spec_helpers import DraftEvery, forwards_while_sitting_out
+
+    engine = load(pair_bundles["same", "qwen2"], threads=2, drafter=spec, ngram_cache=False, tree="chain:4")
+    drafter = engine.drafter
+    schedule = drafter.pays_off = DraftEvery(5)
+    idle_forwards = forwards_while_sitting_out(drafter, schedule)
+    for i in range(len(PROMPTS)):
+        ids, expected = plain_outputs["qwen2", i]
+        result = engine.generate(ids, max_new_tokens=48, ignore_eos=True)
+        assert result.token_ids == expected, f"prompt {i}"
+        assert result.stats.idle_steps >= 1 and result.stats.accepted_tokens > 0
+    assert schedule.skipped > 10 and len(idle_forwards) == schedule.skipped and not any(idle_forwards)

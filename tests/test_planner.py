@@ -267,3 +267,18 @@ def test_engine_rejects_bad_tree_policies(tiny_bundles):
     for bad in ("chain", "tree:0x1", "biggest", 3):
         with pytest.raises((ValueError, TypeError)):
             load(tiny_bundles["qwen2"], threads=2, drafter="ngram", tree=bad, history=False)
+
+
+def test_proposal_cost_splits_following_from_levels():
+    from edgespec.drafters.costs import ProposalCost
+
+    cost = ProposalCost(smoothing=0.5)
+    assert cost.seconds(3) is None
+    for depth in (2, 4, 2, 4, 3):  # 1 ms to follow the text + 5 ms a level
+        cost.observe(0.001 + 0.005 * depth, depth, 0.005 * depth)
+    assert cost.seconds(1) == pytest.approx(0.006, rel=0.05) and cost.seconds(6) == pytest.approx(0.031, rel=0.05)
+    cost.observe(1.0, 0)  # a proposal that drafted nothing teaches nothing
+    assert cost.proposals == 5
+    only_totals = ProposalCost()
+    only_totals.observe(0.02, 4)  # no split known: all of it per level
+    assert only_totals.seconds(2) == pytest.approx(0.01)

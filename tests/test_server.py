@@ -314,7 +314,8 @@ BAD_REQUESTS = [
     (CHAT, chat_body(stop=["a", "b", "c", "d", "e"]), 400, "stop", None),
     (CHAT, chat_body(stream="yes"), 400, "stream", None),
     (CHAT, chat_body(stream_options={"include_usage": True}), 400, "stream_options", None),
-    (CHAT, chat_body(logprobs=True), 400, "logprobs", "unsupported_parameter"),
+    (CHAT, chat_body(top_logprobs=3), 400, "top_logprobs", None),  # needs logprobs: true
+    (CHAT, chat_body(logprobs=True, top_logprobs=21), 400, "top_logprobs", None),
     (CHAT, chat_body(tools=[{"type": "function"}]), 400, "tools", "unsupported_parameter"),
     (CHAT, chat_body(model="gpt-4o"), 404, "model", "model_not_found"),
     (CHAT, chat_body("xq " * 1500), 400, "messages", "context_length_exceeded"),

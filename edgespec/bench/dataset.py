@@ -1,23 +1,30 @@
-"""Spec-Bench questions: reading a `question.jsonl` and choosing which questions (per category, limit) to run."""
+"""Spec-Bench questions: reading a `question.jsonl` and choosing which questions (per category, limit) to run.
+
+The package ships Spec-Bench's question file (480 questions in 13 categories, Apache-2.0; see data/NOTICE) as
+package data, read through importlib.resources: `DEFAULT_DATA`.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Iterable
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "spec_bench" / "question.jsonl"
+# The packaged Spec-Bench questions (a Traversable; a pathlib.Path wherever the package is installed as files).
+DEFAULT_DATA = resources.files(__package__).joinpath("data", "question.jsonl")
 
 
 def read_spec_bench(path: str | os.PathLike = DEFAULT_DATA) -> list[dict]:
-    """Every question of a Spec-Bench `question.jsonl`: [{question_id, category, prompt}] (prompt = first turn)."""
-    path = Path(path)
+    """Every question of a Spec-Bench `question.jsonl`: [{question_id, category, prompt[, second_turn]}] (prompt: the
+    first turn; second_turn: the follow-up, for the questions that have one). Default: the packaged copy."""
+    path = path if path is DEFAULT_DATA else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Spec-Bench questions not found at {path} (pass --data PATH)")
     questions = []
-    with open(path, encoding="utf-8") as f:
+    with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             line = line.strip()
             if not line:
@@ -29,8 +36,10 @@ def read_spec_bench(path: str | os.PathLike = DEFAULT_DATA) -> list[dict]:
             turns = d.get("turns") if isinstance(d, dict) else None
             if not turns or not isinstance(turns[0], str) or not isinstance(d.get("category"), str):
                 raise ValueError(f"{path}:{lineno}: expected an object with 'category' and a non-empty 'turns' list")
-            questions.append({"question_id": d.get("question_id", lineno), "category": d["category"],
-                              "prompt": turns[0]})
+            question = {"question_id": d.get("question_id", lineno), "category": d["category"], "prompt": turns[0]}
+            if len(turns) > 1 and isinstance(turns[1], str) and turns[1]:
+                question["second_turn"] = turns[1]  # MT-bench's follow-up question
+            questions.append(question)
     return questions
 
 

@@ -140,8 +140,16 @@ def _model_drafter_mode(spec: str, doc: str) -> ModeFn:
         except BundleError as exc:
             raise ModeUnavailable(str(exc)) from None
         before = dict(drafter.counters)
+        runner = None if getattr(drafter, "shared_cache", False) else getattr(drafter, "runner", None)
+        timing = getattr(runner, "timing", None)  # the drafter model's own ONNX Runtime time (not self-speculation's)
+        model_before = (timing.run_seconds, timing.calls, timing.tokens) if timing is not None else None
         token_ids, stats = _run(system.engine, prompt, gen_config)
-        stats["drafter_counters"] = {k: v - before.get(k, 0) for k, v in drafter.counters.items()}
+        stats["drafter_counters"] = {k: v - before.get(k, 0) for k, v in drafter.counters.items()
+                                     if isinstance(v, (int, float))}
+        if model_before is not None:
+            stats["drafter_counters"].update(model_seconds=timing.run_seconds - model_before[0],
+                                             model_calls=timing.calls - model_before[1],
+                                             model_tokens=timing.tokens - model_before[2])
         if getattr(drafter, "layer_search", None) is not None:
             stats["layers"] = drafter.layer_search.describe()
         if getattr(drafter, "cache", None) is not None and hasattr(drafter.cache, "sizes"):
@@ -163,3 +171,17 @@ register_mode("crossvocab")(_model_drafter_mode(
 register_mode("crossstaged")(_model_drafter_mode(
     "ngram>cross", "Staged cross-vocabulary drafting: n-grams (in the drafter's vocabulary) draft for the "
                    "cross-vocabulary drafter, which drafts for the target."))
+
+
+@register_mode("auto")
+def auto_mode(system, prompt: str, gen_config: dict):
+    """The engine's default drafter ("auto": n-grams, staged in front of a bundled drafter model when its measured
+    cost makes it pay; see `edgespec.drafters.choice`): what `edgespec.load(bundle)` decodes with."""
+    system = BenchSystem.of(system)
+    drafter = system.use_drafter("auto")
+    if getattr(drafter, "name", None) == "ngram":
+        token_ids, stats = ngram_mode(system, prompt, gen_config)
+    else:
+        token_ids, stats = _model_drafter_mode("auto", "")(system, prompt, gen_config)
+    stats["drafter_choice"] = system.engine.speculation.reason
+    return token_ids, stats

@@ -18,10 +18,11 @@ def log(message: str) -> None:
 def progress(system: str, i: int, n: int, row: dict) -> None:
     """The progress line of a measured prompt."""
     log(f"[{system}] {i}/{n} {row['category']} #{row['question_id']}: {row['prompt_tokens']}+{row['new_tokens']} "
-        f"tokens, {_fmt(row['tokens_per_second'], 'tps')} tok/s, TTFT {_fmt(row['time_to_first_token'], 'ms')} ms")
+        f"tokens, {fmt(row['tokens_per_second'], 'tps')} tok/s, TTFT {fmt(row['time_to_first_token'], 'ms')} ms")
 
 
-def _fmt(value, kind: str) -> str:
+def fmt(value, kind: str) -> str:
+    """A table cell: `value` shown as `kind` (tps, ratio, ms, ms1, tau, pct, pct1), "–" when missing."""
     if value is None:
         return "–"
     if kind == "tps":
@@ -34,6 +35,10 @@ def _fmt(value, kind: str) -> str:
         return f"{value:.2f}"
     if kind == "pct":
         return f"{value:.0%}"
+    if kind == "pct1":
+        return f"{value:.1%}"
+    if kind == "ms1":
+        return f"{value:.1f}"
     return str(value)
 
 
@@ -57,14 +62,14 @@ def category_table(summary: dict) -> tuple[list[str], list[list[str]]]:
         cells = [label, str(n)]
         for m in modes:
             s = by_system.get(m, {})
-            cells.append(_fmt(s.get("tokens_per_second" + suffix), "tps"))
+            cells.append(fmt(s.get("tokens_per_second" + suffix), "tps"))
             if m != baseline:
-                cells.append(_fmt(s.get("speedup" + suffix), "ratio"))
-            cells += [_fmt(s.get("mean_accepted_tokens"), "tau"), _fmt(s.get("time_to_first_token"), "ms")]
+                cells.append(fmt(s.get("speedup" + suffix), "ratio"))
+            cells += [fmt(s.get("mean_accepted_tokens"), "tau"), fmt(s.get("time_to_first_token"), "ms")]
         for p in peers:
             s = by_system.get(p, {})
-            cells += [_fmt(s.get("tokens_per_second" + suffix), "tps"),
-                      _fmt(s.get("plain_over_peer" + suffix), "ratio"), _fmt(s.get("time_to_first_token"), "ms")]
+            cells += [fmt(s.get("tokens_per_second" + suffix), "tps"),
+                      fmt(s.get("plain_over_peer" + suffix), "ratio"), fmt(s.get("time_to_first_token"), "ms")]
         return cells
 
     rows = [line(cat, summary["per_category"][cat], agg=False) for cat in summary["categories"]]
@@ -85,14 +90,14 @@ def systems_table(result: dict, notes: bool = True) -> tuple[list[str], list[lis
     overall = result["summary"]["overall"]
     for name, info in result["systems"].items():
         s = overall.get(name, {})
-        rows.append([name, info.get("kind", ""), str(s.get("prompts", 0)), _fmt(s.get("tokens_per_second_agg"), "tps"),
-                     _fmt(s.get("tokens_per_second"), "tps"), _fmt(s.get("decode_tokens_per_second"), "tps"),
-                     _fmt(s.get("time_to_first_token"), "ms"), _fmt(s.get("mean_accepted_tokens"), "tau"),
-                     (f"{s['accepted_tokens']}/{s['drafted_tokens']} ({_fmt(s.get('acceptance_rate'), 'pct')})"
+        rows.append([name, info.get("kind", ""), str(s.get("prompts", 0)), fmt(s.get("tokens_per_second_agg"), "tps"),
+                     fmt(s.get("tokens_per_second"), "tps"), fmt(s.get("decode_tokens_per_second"), "tps"),
+                     fmt(s.get("time_to_first_token"), "ms"), fmt(s.get("mean_accepted_tokens"), "tau"),
+                     (f"{s['accepted_tokens']}/{s['drafted_tokens']} ({fmt(s.get('acceptance_rate'), 'pct')})"
                       if s.get("drafted_tokens") else "–"),
                      (f"{s['draft_seconds']:.1f}/{s['verify_seconds']:.1f}/{s['bookkeeping_seconds']:.1f}"
                       if s.get("drafted_tokens") else "–"),
-                     _fmt(s.get("agreement"), "pct"),
+                     fmt(s.get("agreement"), "pct"),
                      f"{info['peak_rss_mb']:.0f}" if info.get("peak_rss_mb") else "–",
                      f"{info['load_seconds']:.1f}" if info.get("load_seconds") is not None else "–",
                      info.get("status", "") + (f": {info['note']}" if notes and info.get("note") else "")])
@@ -150,11 +155,83 @@ def planner_table(result: dict) -> tuple[list[str], list[list[str]]]:
 
         steps = total("predicted_steps")
         plans = (mine[-1]["stats"].get("plans") or [])
-        rows.append([system, str(int(steps)), _fmt(total("predicted_tokens") / steps, "tau"),
-                     _fmt(total("observed_tokens") / steps, "tau"),
-                     _fmt(ratio(total("predicted_tokens"), total("predicted_seconds")), "tps"),
-                     _fmt(ratio(total("observed_tokens"), total("observed_seconds")), "tps"),
+        rows.append([system, str(int(steps)), fmt(total("predicted_tokens") / steps, "tau"),
+                     fmt(total("observed_tokens") / steps, "tau"),
+                     fmt(ratio(total("predicted_tokens"), total("predicted_seconds")), "tps"),
+                     fmt(ratio(total("observed_tokens"), total("observed_seconds")), "tps"),
                      "; ".join(f"{p['bucket']}: {p['nodes']} {p['widths']}" for p in plans)])
+    return header, rows
+
+
+def costs_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Per system: prefill tokens/s (prompt tokens fed per second until the first token) and, for drafting modes,
+    where a decoding step's time goes: the drafter's ms per step, the target's verify ms per step, and the drafter's
+    ms on the steps it drafted nothing (it sat out or found nothing: the cost of following the text), also as a share
+    of a plain decoding step."""
+    header = ["system", "prefill tok/s", "decode steps", "draft ms/step", "verify ms/step", "idle steps",
+              "draft ms/idle step", "idle cost vs plain step", "draft cost vs plain step"]
+    rows = []
+    overall = result["summary"]["overall"]
+    for name in result["systems"]:
+        s = overall.get(name)
+        if not s:
+            continue
+        drafting = bool(s.get("decode_steps")) and s.get("draft_ms_per_step") is not None and (
+            s.get("drafted_tokens") or s.get("idle_steps"))
+        rows.append([name, fmt(s.get("prefill_tokens_per_second"), "tps"),
+                     str(s.get("decode_steps") or "–") if drafting else "–",
+                     fmt(s.get("draft_ms_per_step"), "ms1") if drafting else "–",
+                     fmt(s.get("verify_ms_per_step"), "ms1") if drafting else "–",
+                     str(s.get("idle_steps", "–")) if drafting else "–",
+                     fmt(s.get("idle_draft_ms_per_step"), "ms1") if drafting else "–",
+                     fmt(s.get("following_cost"), "pct1") if drafting else "–",
+                     fmt(s.get("draft_cost_per_step"), "pct1") if drafting else "–"])
+    return header, rows
+
+
+def turn_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Per system, on the questions with a second turn: tokens/s, speedup over the baseline and τ of turn 1 and of
+    turn 2 (run right after turn 1 on the same engine), and turn 2's speedup over turn 1's."""
+    per_turn = result["summary"].get("per_turn") or {}
+    if "2" not in per_turn:
+        return [], []
+    header = ["system", "prompts", "turn 1 tok/s", "turn 1 speedup", "turn 1 τ", "turn 2 tok/s", "turn 2 speedup",
+              "turn 2 τ", "turn 2 / turn 1 speedup"]
+    rows = []
+    for name in per_turn["2"]:
+        one, two = per_turn["1"].get(name, {}), per_turn["2"][name]
+        rows.append([name, str(two.get("prompts", 0)), fmt(one.get("tokens_per_second_agg"), "tps"),
+                     fmt(one.get("speedup_agg"), "ratio"), fmt(one.get("mean_accepted_tokens"), "tau"),
+                     fmt(two.get("tokens_per_second_agg"), "tps"), fmt(two.get("speedup_agg"), "ratio"),
+                     fmt(two.get("mean_accepted_tokens"), "tau"),
+                     fmt(ratio(two.get("speedup_agg"), one.get("speedup_agg")), "ratio")])
+    return header, rows
+
+
+def drafter_cost_table(result: dict) -> tuple[list[str], list[list[str]]]:
+    """Per model-drafter mode, where its drafting time goes, next to the target's step: the drafter's time per
+    forward (everything: following the text, re-encoding, translating, Python), its model's own ONNX Runtime time per
+    forward, the share of drafting time outside the model, and its time per drafted node; the target's step is the
+    baseline's time per decoded token."""
+    header = ["system", "forwards", "drafter ms/forward", "model ms/forward", "outside the model", "ms/drafted node",
+              "plain step ms"]
+    base = result["summary"]["overall"].get(result["summary"]["baseline"], {})
+    plain_ms = 1000.0 / base["decode_tokens_per_second_agg"] if base.get("decode_tokens_per_second_agg") else None
+    rows = []
+    for system in result["systems"]:
+        mine = [r for r in result["rows"] if r["system"] == system and "drafter_counters" in r.get("stats", {})]
+        if not mine:
+            continue
+
+        def total(key, where="drafter_counters"):
+            return sum(float((r["stats"].get(where) if where else r["stats"]).get(key) or 0.0) for r in mine)
+
+        forwards, draft = total("forwards"), total("draft_seconds", None)
+        model, calls, nodes = total("model_seconds"), total("model_calls"), total("nodes")
+        rows.append([system, str(int(forwards)), fmt(ratio(draft, forwards) and 1000 * draft / forwards, "ms1"),
+                     fmt(1000 * model / calls if calls else None, "ms1"),
+                     fmt(1 - model / draft if calls and draft else None, "pct"),
+                     fmt(1000 * draft / nodes if nodes else None, "ms1"), fmt(plain_ms, "ms1")])
     return header, rows
 
 
@@ -241,6 +318,19 @@ def render_markdown(result: dict) -> str:
     if planned:
         lines += ["Planner predictions against measurements (over the steps it planned; tok/s of those steps):", "",
                   _md_table(header, planned), ""]
+    header, turns = turn_table(result)
+    if turns:
+        lines += ["Second turns (MT-bench's follow-ups, run right after the first answer on the same engine; rates "
+                  "summed over those prompts; speedups against the baseline's same turn):", "",
+                  _md_table(header, turns), ""]
+    lines += ["Costs (prefill: prompt tokens fed per second until the first token; draft and verify per decoding "
+              "step; idle steps drafted nothing, so their drafter time is the cost of following the text; shares "
+              "are of the baseline's time per decoded token):", "", _md_table(*costs_table(result)), ""]
+    header, costs = drafter_cost_table(result)
+    if costs:
+        lines += ["Drafting cost (drafter ms/forward: all the drafter's time over its forwards; model ms/forward: its "
+                  "ONNX Runtime time alone; plain step: the baseline's time per decoded token):", "",
+                  _md_table(header, costs), ""]
     details = drafter_details(result)
     if details:
         lines += ["Drafters (summed over prompts):", "", *details, ""]
@@ -261,6 +351,9 @@ def print_tables(result: dict, console=None) -> None:
             console = Console(width=200)
     for title, (header, rows) in (("Spec-Bench per category", category_table(result["summary"])),
                                   ("systems (overall)", systems_table(result, notes=False)),
+                                  ("second turns", turn_table(result)),
+                                  ("costs per step", costs_table(result)),
+                                  ("drafting cost", drafter_cost_table(result)),
                                   ("planner predictions", planner_table(result)),
                                   ("cross-evaluation of the device profiles", cross_evaluation_table(result))):
         if not rows:

@@ -93,12 +93,31 @@ def _warm_up(state: BenchSystem, system: str, job: dict, text: str) -> None:
                          "max_new_tokens": min(job["max_new_tokens"], WARMUP_TOKENS)})
 
 
-def _measure(state: BenchSystem, system: str, job: dict, prompt: tuple[dict, str, list[int]]) -> dict:
-    """One measured generation of `system` on a prepared prompt, from a fresh conversation: its row."""
+def _measure(state: BenchSystem, system: str, job: dict, prompt: tuple[dict, str, list[int]]) -> list[dict]:
+    """Measured generations of `system` on a prepared prompt, from a fresh conversation: its row, then, when the job
+    asks for two turns and the question has a second, the follow-up's row (the same engine right after the first
+    answer, as in a chat: its prefix and session n-gram caches carry over)."""
     q, text, ids = prompt
-    state.engine.reset()
-    token_ids, stats = MODES[split_system(system)[0]](state, text, bench_gen_config(job["max_new_tokens"]))
-    return make_row(system, "mode", {**q, "ids": ids}, token_ids, stats)
+    engine = state.engine
+    engine.reset()
+    mode = MODES[split_system(system)[0]]
+    config = bench_gen_config(job["max_new_tokens"])
+    token_ids, stats = mode(state, text, config)
+    rows = [make_row(system, "mode", {**q, "ids": ids}, token_ids, stats)]
+    if int(job.get("turns", 1)) >= 2 and q.get("second_turn"):
+        text2 = second_turn_prompt(engine, q, engine.tokenizer.decode(token_ids))
+        ids2 = engine.encode(text2)
+        if len(ids2) + job["max_new_tokens"] <= engine.context_length:
+            token_ids, stats = mode(state, text2, config)
+            rows.append(make_row(system, "mode", {**q, "ids": ids2, "turn": 2}, token_ids, stats))
+    return rows
+
+
+def second_turn_prompt(engine, question: dict, answer: str) -> str:
+    """The chat prompt of a question's second turn: the first question, the first answer, the follow-up."""
+    return engine.render_chat([{"role": "user", "content": question["prompt"]},
+                               {"role": "assistant", "content": answer},
+                               {"role": "user", "content": question["second_turn"]}])
 
 
 def run_mode_job(job: dict, engine=None) -> dict:
@@ -119,7 +138,7 @@ def run_mode_job(job: dict, engine=None) -> dict:
     try:
         _warm_up(state, system, job, prompts[0][1])
         for i, prompt in enumerate(prompts, 1):
-            result["rows"].append(_measure(state, system, job, prompt))
+            result["rows"].extend(_measure(state, system, job, prompt))
             progress(system, i, len(prompts), result["rows"][-1])
     except ModeUnavailable as exc:
         result.update(status="skipped", note=str(exc), rows=[])
@@ -160,7 +179,7 @@ def run_interleaved_job(job: dict, engines: dict | None = None) -> dict:
         order = live[i % len(live):] + live[:i % len(live)] if live else []
         for system in order:  # only a system's own failure removes it from `live`
             try:
-                results[system]["rows"].append(_measure(states[system], system, job, prompt))
+                results[system]["rows"].extend(_measure(states[system], system, job, prompt))
             except Exception as exc:
                 results[system].update(_failure(exc))
                 live.remove(system)
@@ -190,7 +209,7 @@ def run_job(job: dict) -> dict:
         result = JOBS[job["kind"]](job)
     except Exception as exc:  # a failed system must not take the others down
         result = _failure(exc)
-    result["peak_rss_mb"] = peak_rss_mb()
+    result.setdefault("peak_rss_mb", peak_rss_mb())  # a job that ran in its own process (optimum) reports that one
     return result
 
 
@@ -235,7 +254,8 @@ def worker_main(argv=None) -> int:
 
 
 # ---- the bench ------------------------------------------------------------------------------------------------------
-def _split(value: str | None) -> list[str]:
+def split_list(value: str | None) -> list[str]:
+    """The items of a comma-separated option (blanks dropped)."""
     return [v.strip() for v in (value or "").split(",") if v.strip()]
 
 
@@ -257,12 +277,12 @@ def run_bench(args, echo: Callable[[str], None] = log) -> dict:
     """Run every mode and peer and return the full result (the dict --json writes)."""
     from ..runtimes.runner import default_threads
 
-    modes = expand_modes(_split(args.mode), _split(getattr(args, "trees", None)),
-                         _split(getattr(args, "device", None)))
+    modes = expand_modes(split_list(args.mode), split_list(getattr(args, "trees", None)),
+                         split_list(getattr(args, "device", None)))
     unknown = [m for m in modes if split_system(m)[0] not in MODES]
     if unknown:
         raise ValueError(f"unknown mode(s) {', '.join(unknown)}; available: {', '.join(MODES)}")
-    peers = [] if args.no_peers else _split(args.peers)
+    peers = [] if args.no_peers else split_list(args.peers)
     unknown = [p for p in peers if p not in PEERS]
     if unknown:
         raise ValueError(f"unknown peer(s) {', '.join(unknown)}; available: {', '.join(PEERS)}")
@@ -270,12 +290,12 @@ def run_bench(args, echo: Callable[[str], None] = log) -> dict:
         raise ValueError("nothing to run: give --mode and/or --peers")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be at least 1")
-    categories = _split(args.categories) or None
+    categories = split_list(args.categories) or None
     questions = load_spec_bench(args.data, args.per_category, categories, args.limit)
     if not questions:
         raise ValueError("no Spec-Bench questions selected")
     threads = args.threads or default_threads()
-    devices = [d for d in _split(getattr(args, "device", None)) if d != "none"]
+    devices = [d for d in split_list(getattr(args, "device", None)) if d != "none"]
     for device in devices:  # measured (or found) once here, so the workers find it cached
         profile = prepare_device(args.bundle, device, threads)
         echo(f"device profile {device}: {profile}")
@@ -290,7 +310,7 @@ def run_bench(args, echo: Callable[[str], None] = log) -> dict:
     base_job = {"kind": "mode", "bundle": str(args.bundle), "threads": threads, "max_context": args.max_context,
                 "max_new_tokens": args.max_new_tokens, "warmup": args.warmup, "questions": questions,
                 "draft_budget": getattr(args, "draft_budget", DEFAULT_DRAFT_BUDGET),
-                "ngram_static": getattr(args, "ngram_static", None),
+                "ngram_static": getattr(args, "ngram_static", None), "turns": getattr(args, "turns", 1),
                 "device": devices[0] if len(devices) == 1 else None}
     systems: dict[str, dict] = {}
     rows: list[dict] = []
@@ -352,7 +372,7 @@ def run_bench(args, echo: Callable[[str], None] = log) -> dict:
               "max_new_tokens": args.max_new_tokens, "threads": threads, "max_context": args.max_context,
               "modes": modes, "peers": peers, "devices": devices, "peer_model": args.peer_model, "warmup": args.warmup,
               "greedy": True, "batch_size": 1, "ignore_eos": True, "in_process": bool(args.in_process),
-              "interleave": interleave,
+              "interleave": interleave, "turns": getattr(args, "turns", 1),
               "baseline": BASELINE}
     return {
         "format": RESULT_FORMAT, "version": RESULT_VERSION,

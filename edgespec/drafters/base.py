@@ -25,7 +25,7 @@ from ..sampling import GenerationConfig
 
 if TYPE_CHECKING:
     from ..runtimes.runner import ModelRunner
-    from .costs import ForwardCost
+    from .costs import ForwardCost, ProposalCost
 
 
 @dataclass
@@ -220,6 +220,14 @@ class Drafter:
     stage: "Drafter | None" = None  # a first-stage drafter drafting for this one (staged speculation)
     runner: "ModelRunner | None" = None  # the model this drafter runs, if any (its device-profile costs are used)
     forward_cost: "ForwardCost | None" = None  # the measured time of one of its model's forwards, if it runs one
+
+    proposal_cost: "ProposalCost | None" = None  # its measured time per proposal by depth, if it measures one
+
+    def draft_seconds(self, depth: int, nodes: int) -> float | None:
+        """This drafter's own estimate of the time to propose a tree `depth` levels deep with `nodes` nodes, from
+        its measured proposals (`proposal_cost`), or None before it has measured any (the engine then assumes one
+        drafter forward per level)."""
+        return self.proposal_cost.seconds(depth) if self.proposal_cost is not None else None
 
     def start(self, prompt_ids: list[int], config: GenerationConfig) -> None:
         """A generation begins from `prompt_ids` with `config` (sampling drafters read temperature etc.)."""

@@ -63,6 +63,44 @@ class ForwardCost:
         self.seconds = seconds if self.seconds is None else self.seconds + self.smoothing * (seconds - self.seconds)
 
 
+class ProposalCost:
+    """What one proposal of a model drafter costs as a function of its depth, learned from the proposals it made:
+    a fixed part (following the text: feeding the tokens accepted since the last proposal, re-encoding and
+    aligning for a cross-vocabulary drafter) plus a part per level (a drafter forward, fewer when a first stage's
+    guesses ride along, plus translating). Decaying means of seconds and depth per proposal, and of seconds per
+    level over deep proposals, give both parts. The planner sizes trees with it, staged and cross-vocabulary
+    drafters included."""
+
+    def __init__(self, smoothing: float = 0.1):
+        self.smoothing = smoothing
+        self.mean_seconds: float | None = None
+        self.mean_depth = 0.0
+        self.per_level: float | None = None
+        self.proposals = 0
+
+    def _mean(self, old: float | None, new: float) -> float:
+        return new if old is None else old + self.smoothing * (new - old)
+
+    def observe(self, seconds: float, depth: int, level_seconds: float | None = None) -> None:
+        """One proposal of `depth` levels took `seconds`; `level_seconds`: the time spent growing levels (drafter
+        forwards and translation), when the drafter knows it apart from following the text."""
+        if depth <= 0 or not seconds >= 0.0:
+            return
+        self.proposals += 1
+        self.mean_seconds = self._mean(self.mean_seconds, seconds)
+        self.mean_depth = self.mean_depth + (depth - self.mean_depth) * (1.0 if self.proposals == 1 else self.smoothing)
+        if level_seconds is not None and level_seconds >= 0.0:
+            self.per_level = self._mean(self.per_level, level_seconds / depth)
+
+    def seconds(self, depth: int) -> float | None:
+        """Estimated seconds of a proposal `depth` levels deep (None before the first proposal)."""
+        if self.mean_seconds is None:
+            return None
+        per_level = self.per_level if self.per_level is not None else self.mean_seconds / max(self.mean_depth, 1.0)
+        fixed = max(0.0, self.mean_seconds - per_level * self.mean_depth)
+        return fixed + per_level * max(int(depth), 0)
+
+
 class PaysOff:
     """Is drafting paying on this context? A decaying average of tokens per second over drafted steps (accepted +
     bonus over draft + verification time) against plain decoding (one token per target step). It judges only on

@@ -53,7 +53,7 @@ from ..text import StreamDecoder, Tokenizer, common_prefix_length
 from .base import DraftTree, Drafter, VerifiedStep
 from .cachefile import (MAGIC, CacheFileError, NGramCacheWarning, check_cache_path, read_cache_header, read_npz,
                         tokenizer_fingerprint, write_cache_file)
-from .costs import AcceptanceByProbability, ForwardCost, PaysOff
+from .costs import AcceptanceByProbability, ForwardCost, PaysOff, ProposalCost
 
 CACHE_KIND = "crossvocab"
 CACHE_VERSION = 1
@@ -331,6 +331,7 @@ class CrossVocabDrafter(Drafter):
         self.target_cost = target_cost
         self.max_draft_tokens, self.lookbehind = max_draft_tokens, lookbehind
         self.forward_cost = ForwardCost()
+        self.proposal_cost = ProposalCost()
         self.pays_off = PaysOff()
         self.acceptance = AcceptanceByProbability()
         specials = set(draft_tokenizer.special_ids) | set(draft_special_ids or ())
@@ -490,9 +491,12 @@ class CrossVocabDrafter(Drafter):
             return DraftTree.empty()
         self._drafted = True
         # a prompt's prefill is paid once per generation: the step's cost is judged without it
-        self._proposal_seconds = time.perf_counter() - (t_sync if fed > 8 else t0)
+        now = time.perf_counter()
+        self._proposal_seconds = now - (t_sync if fed > 8 else t0)
         if not ids:
             return DraftTree.empty()
+        if fed <= 8:  # a catch-up after sitting out (or the prompt) is not what a planned step costs
+            self.proposal_cost.observe(now - t0, len(ids), now - t_sync)
         self._last = (ids, probs, learned)
         self.counters["nodes"] += len(ids)
         self.counters["learned_nodes"] += sum(learned)

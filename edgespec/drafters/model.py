@@ -38,7 +38,7 @@ from ..runtimes.runner import ContextOverflow, ModelRunner
 from ..sampling import GenerationConfig, process_logits
 from ..text import common_prefix_length
 from .base import DraftTree, Drafter, VerifiedStep, fast_top_k
-from .costs import AcceptanceByProbability, ForwardCost, PaysOff
+from .costs import AcceptanceByProbability, ForwardCost, PaysOff, ProposalCost
 
 
 @dataclass
@@ -105,6 +105,7 @@ class ModelDrafter(Drafter):
         self.temperature = temperature  # sampling: the draft distribution's temperature (None: the target's)
         self.vocab_size = runner.entry.vocab_size
         self.forward_cost = ForwardCost()
+        self.proposal_cost = ProposalCost()
         self.pays_off = PaysOff()
         self.acceptance = AcceptanceByProbability()  # drafter probability -> how often the target accepts
         self.counters = {"proposals": 0, "forwards": 0, "nodes": 0, "stage_fed": 0, "stage_used": 0,
@@ -152,8 +153,10 @@ class ModelDrafter(Drafter):
             if self._gates is None:  # no layer set beats plain decoding here
                 self._proposal_seconds = time.perf_counter() - t0
                 return DraftTree.empty()
+        t_grow, fed = t0, 0
         try:
             root_row, stage_items = self._sync(context, budget)
+            fed, t_grow = self._fed, time.perf_counter()
             self._offer_children(-1, root_row, stage_items)
             self._grow(context, budget)
         except ContextOverflow:
@@ -163,7 +166,10 @@ class ModelDrafter(Drafter):
                 self.runner.rewind(len(context) - 1)
         tree = self._tree(budget)
         self._drafted = True
-        self._proposal_seconds = time.perf_counter() - t0
+        now = time.perf_counter()
+        self._proposal_seconds = now - t0
+        if len(tree) and fed <= 8:  # a catch-up after sitting out (or the prompt) is not what a planned step costs
+            self.proposal_cost.observe(now - t0, int(tree.depths().max()), now - t_grow)
         return tree
 
     def observe(self, step: VerifiedStep) -> None:
@@ -228,7 +234,7 @@ class ModelDrafter(Drafter):
             common = min(common_prefix_length(self._cached, context), len(context) - 1, self.runner.length)
             self.runner.rewind(common)
         feed = list(context[common:])
-        f = len(feed)
+        f = self._fed = len(feed)
         stage = self._stage_tree(context, [], budget)
         tokens = feed + stage.tokens.tolist()
         parents = list(range(-1, f - 1)) + [p + f if p >= 0 else f - 1 for p in stage.parents.tolist()]

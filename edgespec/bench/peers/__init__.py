@@ -1,22 +1,24 @@
 """The peers: other runtimes on the same weights, from the same prompt token ids, each in its own module (`hf`:
-Hugging Face transformers; `llamacpp`: llama.cpp). A peer module has `missing()` (why it cannot run here),
-`unsuitable(path)` (why the source weights do not suit it) and its job function."""
+Hugging Face transformers; `llamacpp`: llama.cpp; `optimum`: optimum-onnx's ORTModelForCausalLM in its own virtual
+environment). A peer module has `missing()` (why it cannot run here), `unsuitable(path)` (why the source weights
+do not suit it) and its job function."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from . import hf, llamacpp
+from . import hf, llamacpp, optimum
 from .base import PeerUnavailable, run_peer_prompts
 from .hf import run_hf_job
 from .llamacpp import run_llama_cpp_job
+from .optimum import run_optimum_job
 
-PEERS = ("hf", "llama.cpp")
-PEER_MODULES = {"hf": hf, "llama.cpp": llamacpp}
-PEER_JOBS = {"hf": run_hf_job, "llama.cpp": run_llama_cpp_job}
+PEERS = ("hf", "llama.cpp", "optimum")
+PEER_MODULES = {"hf": hf, "llama.cpp": llamacpp, "optimum": optimum}
+PEER_JOBS = {"hf": run_hf_job, "llama.cpp": run_llama_cpp_job, "optimum": run_optimum_job}
 
 __all__ = ["PEERS", "PEER_JOBS", "PEER_MODULES", "PeerUnavailable", "peer_job", "run_hf_job", "run_llama_cpp_job",
-           "run_peer_prompts"]
+           "run_optimum_job", "run_peer_prompts"]
 
 
 def peer_job(peer: str, args, prompts: list[dict], threads: int, model_info: dict, context_length: int) -> dict | str:
