@@ -8,7 +8,6 @@ import argparse
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -164,10 +163,13 @@ def test_run_job_keeps_the_peak_memory_a_job_reports(monkeypatch):
 # ---- the generation process -----------------------------------------------------------------------------------------
 def test_parse_request_accepts_ids_and_count_and_refuses_the_rest():
     assert optimum_runner.parse_request('{"ids": [1, 2, 3], "n": 4}') == ([1, 2, 3], 4)
+    limit = optimum_runner.MAX_NEW_TOKENS
+    assert optimum_runner.parse_request(json.dumps({"ids": [1], "n": limit})) == ([1], limit)
     for line, match in (("[1]", "JSON object"), ('{"ids": [], "n": 1}', "non-empty"),
                         ('{"ids": [1, -2], "n": 1}', "token ids"), ('{"ids": [1.5], "n": 1}', "token ids"),
-                        ('{"ids": [1], "n": 0}', "at least 1"), ('{"ids": [1], "n": true}', "at least 1"),
-                        ('{"ids": [1]}', "at least 1"), ("{", "Expecting")):
+                        ('{"ids": [1], "n": 0}', "from 1 to"), ('{"ids": [1], "n": true}', "from 1 to"),
+                        ('{"ids": [1]}', "from 1 to"), ("{", "Expecting"),
+                        (json.dumps({"ids": [1], "n": optimum_runner.MAX_NEW_TOKENS + 1}), "from 1 to")):
         with pytest.raises(ValueError, match=match):
             optimum_runner.parse_request(line)
 
@@ -219,6 +221,14 @@ def test_serve_ends_at_a_bad_request_with_an_error():
     optimum_runner.serve(CountingModel(), 0, ['{"ids": [1], "n": 2}', '{"ids": "x", "n": 2}', '{"ids": [1], "n": 2}'],
                          replies.append)
     assert len(replies) == 2 and replies[0]["output_ids"] == [2, 3] and "bad request" in replies[1]["error"]
+
+
+def test_runner_thread_count_limits():
+    assert optimum_runner.thread_count("1") == 1
+    assert optimum_runner.thread_count(str(optimum_runner.MAX_THREADS)) == optimum_runner.MAX_THREADS
+    for text in ("0", str(optimum_runner.MAX_THREADS + 1), "two"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            optimum_runner.thread_count(text)
 
 
 def test_prepare_refuses_bad_sources_and_settings(tmp_path, capsys):

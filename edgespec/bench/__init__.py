@@ -10,9 +10,10 @@ Systems
   and the bench's state about it) and `stats` has GenerationStats' keys. `plain` is the baseline of every ratio.
   Later modes register themselves with `@register_mode("name")`; a mode that cannot run on a bundle (no drafter,
   say) raises `ModeUnavailable` and is reported as skipped.
-* peers (`--peers hf,llama.cpp`, see `peers`): Hugging Face transformers `generate` (torch CPU, float32) on the
-  bundle's source weights, and llama.cpp through llama-cpp-python on the source GGUF (optional: skipped when not
-  installed).
+* peers (`--peers hf,llama.cpp,optimum`, see `peers`): Hugging Face transformers `generate` (torch CPU, float32) on
+  the bundle's source weights, llama.cpp through llama-cpp-python on the source GGUF, and optimum-onnx's
+  ORTModelForCausalLM on an int4 ONNX export of the source made in its own environment by tools/optimum_peer/setup.sh
+  (optional ones are skipped, with the reason, when not installed).
 
 Each system runs in its own fresh subprocess (`python -m edgespec.bench --worker JOB --result OUT`), so its peak RSS
 and its threads are its own. Rates: end-to-end tokens/s = new tokens / total seconds (prefill included), decode
@@ -23,7 +24,7 @@ lists of row dicts.
 The parts, by job:
 * `dataset`: Spec-Bench questions (reading, choosing by category);
 * `modes`: the mode registry, the systems it expands to (`mode@tree~device`), `BenchSystem`, the modes;
-* `peers`: one module per peer runtime (`hf`, `llamacpp`);
+* `peers`: one module per peer runtime (`hf`, `llamacpp`, `optimum`);
 * `summary`: rows and their summaries (pure);
 * `report`: tables, Markdown, the console tables, progress lines;
 * `machine`: machine info and memory;

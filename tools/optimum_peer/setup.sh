@@ -10,8 +10,8 @@
 # 2. for each model given, runs tools/optimum_peer/prepare.py in that venv: GGUF dequantized to a Hugging Face
 #    folder, exported by optimum-onnx (text-generation-with-past), int4 through ONNX Runtime's MatMulNBitsQuantizer
 #    (block 32, accuracy level 4), into $EDGESPEC_OPTIMUM_MODELS/<name>/int4 (default ~/.cache/edgespec/peers/optimum,
-#    <name> = the GGUF file's name without .gguf, or the folder's name). Needs about 14 GB of memory and 13 GB of
-#    disk while it works (float32 copies), 1.7 GB when done for a 1.5B model; about 10 minutes on 2 cores.
+#    <name> = the GGUF file's name without .gguf, or the folder's name). For a 1.5B model: about 14 GB of disk
+#    while it works (float32 copies, removed at the end), 1.8 GB when done; about 10 minutes on 2 cores.
 #
 # Extra arguments for prepare.py go after `--`: setup.sh MODEL.gguf -- --keep-intermediate
 set -euo pipefail

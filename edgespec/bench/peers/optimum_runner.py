@@ -20,6 +20,8 @@ import sys
 import time
 
 MAX_REQUEST_BYTES = 16 * 2**20  # one request line: token ids of a prompt (a 1M-token prompt is about 8 MB)
+MAX_NEW_TOKENS = 1 << 20  # new tokens of one request (edgespec's own limit, cliargs.MAX_TOKENS)
+MAX_THREADS = 1024  # --threads
 
 
 def peak_rss_mb() -> float:
@@ -53,7 +55,8 @@ class TimingStreamer:
 
 
 def parse_request(line: str) -> tuple[list[int], int]:
-    """(prompt ids, new tokens) of one request line; ValueError when it is not {"ids": [int, ...], "n": int >= 1}."""
+    """(prompt ids, new tokens) of one request line; ValueError when it is not {"ids": [int, ...], "n": int} with n
+    from 1 to MAX_NEW_TOKENS, or the line is longer than MAX_REQUEST_BYTES."""
     if len(line) > MAX_REQUEST_BYTES:
         raise ValueError(f"request line over {MAX_REQUEST_BYTES} bytes")
     request = json.loads(line)  # JSONDecodeError is a ValueError
@@ -62,8 +65,8 @@ def parse_request(line: str) -> tuple[list[int], int]:
     ids, n = request.get("ids"), request.get("n")
     if not isinstance(ids, list) or not ids or not all(isinstance(t, int) and t >= 0 for t in ids):
         raise ValueError("request 'ids' must be a non-empty list of token ids")
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise ValueError("request 'n' must be an integer of at least 1")
+    if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= MAX_NEW_TOKENS:
+        raise ValueError(f"request 'n' must be an integer from 1 to {MAX_NEW_TOKENS}")
     return ids, n
 
 
@@ -130,11 +133,16 @@ def serve(model, pad_token_id: int, requests, reply) -> None:
         reply({"output_ids": output_ids, "stats": stats, "peak_rss_mb": peak_rss_mb()})
 
 
-def positive_int(text: str) -> int:
-    """An integer of at least 1 (argparse type)."""
-    value = int(text)
-    if value < 1:
-        raise ValueError(f"{value} is below 1")
+def thread_count(text: str) -> int:
+    """--threads: an integer from 1 to MAX_THREADS (argparse type)."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"threads must be an integer, not {text!r}") from None
+    if not 1 <= value <= MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"threads must be from 1 to {MAX_THREADS}, not {value}")
     return value
 
 
@@ -144,7 +152,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="optimum_runner.py", description="the optimum bench peer's generation process")
     p.add_argument("--model", required=True, help="folder of the int4 ONNX model (prepared by tools/optimum_peer)")
-    p.add_argument("--threads", type=positive_int, required=True, help="intra-op threads")
+    p.add_argument("--threads", type=thread_count, required=True,
+                   help=f"intra-op threads (1 to {MAX_THREADS})")
     p.add_argument("--pad-token-id", type=int, default=0, help="pad token id (the bundle's)")
     args = p.parse_args(argv)
     protocol = os.fdopen(os.dup(1), "w", buffering=1, encoding="utf-8")
