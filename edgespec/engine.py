@@ -56,6 +56,9 @@ class GenerationStats:
     # merely following the text costs
     idle_steps: int = 0
     idle_draft_seconds: float = 0.0
+    # of those, the steps the drafter sat out (it did no work: drafting was losing) and its time on them
+    sat_out_steps: int = 0
+    sat_out_draft_seconds: float = 0.0
     # the tree planner's predictions for its steps, and what those steps produced (how good the model is)
     predicted_steps: int = 0
     predicted_tokens: float = 0.0
@@ -817,6 +820,9 @@ class Engine:
         if not len(tree):
             stats.idle_steps += 1
             stats.idle_draft_seconds += stats.draft_seconds - draft_before
+            if self.drafter.sat_out:
+                stats.sat_out_steps += 1
+                stats.sat_out_draft_seconds += stats.draft_seconds - draft_before
         inner = (stats.draft_seconds - draft_before) + (stats.verify_seconds - verify_before)
         stats.bookkeeping_seconds += elapsed - inner
         if self._replaying:
@@ -928,8 +934,9 @@ def load(bundle_dir: "str | os.PathLike", threads: int | None = None, max_contex
     """Load a bundle folder (made by `edgespec export`) and return an Engine for its target (or the named model).
 
     `threads`: ONNX Runtime intra-op threads (default: the physical cores). `max_context`: tokens of context (default:
-    the bundle's). Decoding is speculative with the n-gram drafter by default (exact: greedy output is the target's
-    own greedy output); `drafter=None` gives plain decoding. `draft_budget` caps the draft tree's nodes per step.
+    the bundle's). Decoding is speculative by default (exact: greedy output is the target's own greedy output):
+    `drafter="auto"` takes the n-gram drafter, staged in front of a bundled drafter model when its measured cost makes
+    it pay (`engine.speculation.reason` says which and why); `drafter=None` gives plain decoding. `draft_budget` caps the draft tree's nodes per step.
     `history`: whether and where each prompt and output is logged for `edgespec adapt` (clear text, file mode
     0600): off by default. True: the default file under $EDGESPEC_HISTORY_DIR (~/.cache/edgespec/history); a path:
     that file; False: never; None (the default): on only when the environment variable EDGESPEC_HISTORY is 1 / on /

@@ -465,8 +465,12 @@ def chat_command(args, engine, config: dict, prompt: "str | None" = None) -> int
         warnings.filterwarnings("ignore", message=".*has no chat template")
         if not engine.entry.chat_template:
             _say(sys.stderr, "(this model has no chat template (a base model): using a plain-text fallback)")
-        if prompt is not None:
-            return 0 if session.ask(prompt) is not None else 2
+        if prompt is not None:  # one answer, then its statistics on stderr (as `generate` prints them)
+            answered = session.ask(prompt) is not None
+            last = getattr(engine, "last_stats", None)
+            if answered and last is not None:
+                _say(sys.stderr, stats_line(last))
+            return 0 if answered else 2
         interactive = stdin_is_terminal(sys.stdin)
         save_history = _line_editing(input_history_path() if args.input_history else None, sys.stderr) \
             if interactive else (lambda: None)

@@ -33,8 +33,10 @@ __all__ = ["DEFAULT_DRAFTERS", "MAX_NAME_CHARS", "MAX_PULL_DRAFTERS", "StoreErro
            "bundle_name_for", "validate_name", "is_bundle", "pull", "ensure_bundle", "list_models", "remove",
            "register_cli"]
 
-# Drafters exported with a short-named target when `pull` is given none. Cheap ones first: a drafter only costs
-# export time and disk until a --drafter spec uses it (the default drafter is the n-gram one). Change by measurement.
+# Drafters exported with a short-named target when `pull` is given none: candidates for the default drafter ("auto",
+# edgespec/drafters/choice.py), which stages one behind the n-grams only where the device profile says it is cheap
+# enough. On the 2-core Xeon of the README (2026-12-06) SmolLM2 costs 17-19% of a 1.5B step and loses (0.94x), so
+# "auto" keeps the n-grams there; a drafter costs export time and 141 MB of disk until a device makes it pay.
 DEFAULT_DRAFTERS: dict[str, tuple[str, ...]] = {
     "qwen2.5-coder-1.5b": ("smollm2-135m",),  # cross-vocabulary (`--drafter cross`): 98 MB GGUF, ~30 s export
 }

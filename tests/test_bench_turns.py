@@ -71,16 +71,19 @@ def _row(system, qid, seconds, steps, **stats):
 def test_costs_summary_following_cost_against_the_plain_step():
     rows = [_row("plain", 0, 1.5, 11),  # 10 decoded tokens in 1.0 s: 100 ms per plain step
             _row("ngram", 0, 1.0, 6, draft_seconds=0.05, verify_seconds=0.4, drafted_tokens=10,
-                 accepted_tokens=5, idle_steps=2, idle_draft_seconds=0.004)]
+                 accepted_tokens=5, idle_steps=2, idle_draft_seconds=0.004, sat_out_steps=1,
+                 sat_out_draft_seconds=0.0005)]
     summary = summarize_rows(rows)
     ngram = summary["overall"]["ngram"]
     assert ngram["decode_steps"] == 5 and ngram["draft_ms_per_step"] == 10.0 and ngram["verify_ms_per_step"] == 80.0
     assert ngram["idle_steps"] == 2 and ngram["idle_draft_ms_per_step"] == 2.0
-    assert abs(ngram["following_cost"] - 0.02) < 1e-12 and abs(ngram["draft_cost_per_step"] - 0.1) < 1e-12
+    assert abs(ngram["idle_cost"] - 0.02) < 1e-12 and abs(ngram["draft_cost_per_step"] - 0.1) < 1e-12
+    assert ngram["sat_out_steps"] == 1 and abs(ngram["following_cost"] - 0.005) < 1e-12
     assert summary["overall"]["plain"]["prefill_tokens_per_second"] == 200.0  # 100 tokens until the first, 0.5 s
     header, table = costs_table({"systems": {"plain": {}, "ngram": {}}, "summary": summary})
     cells = dict(zip(header, table[1]))
-    assert cells["draft ms/idle step"] == "2.0" and cells["idle cost vs plain step"] == "2.0%"
+    assert cells["draft ms/idle step"] == "2.0" and cells["draft ms/sat-out step"] == "0.50"
+    assert cells["sat-out cost vs plain step"] == "0.5%"
     assert dict(zip(header, table[0]))["draft ms/step"] == "–"  # plain decoding drafts nothing
 
 

@@ -426,7 +426,9 @@ def test_cli_chat_and_run_share_the_loop(tiny_bundles, monkeypatch, capsys):
     assert cli.main(["chat", bundle, "-n", "4", *COMMON]) == 0
     chat_out = capsys.readouterr().out
     assert cli.main(["run", bundle, "Hello", "-n", "4", *COMMON]) == 0
-    assert capsys.readouterr().out == chat_out  # the same answer, one-shot
+    one_shot = capsys.readouterr()
+    assert one_shot.out == chat_out  # the same answer, one-shot
+    assert "4 tokens" in one_shot.err and "tok/s" in one_shot.err  # then its statistics, on stderr
     monkeypatch.setattr(sys, "stdin", Stdin(b"Hello\n"))
     assert cli.main(["run", bundle, "-", "-n", "4", *COMMON]) == 0
     assert capsys.readouterr().out == chat_out

@@ -22,7 +22,7 @@ def progress(system: str, i: int, n: int, row: dict) -> None:
 
 
 def fmt(value, kind: str) -> str:
-    """A table cell: `value` shown as `kind` (tps, ratio, ms, ms1, tau, pct, pct1), "–" when missing."""
+    """A table cell: `value` shown as `kind` (tps, ratio, ms, ms1, ms2, tau, pct, pct1), "–" when missing."""
     if value is None:
         return "–"
     if kind == "tps":
@@ -39,6 +39,8 @@ def fmt(value, kind: str) -> str:
         return f"{value:.1%}"
     if kind == "ms1":
         return f"{value:.1f}"
+    if kind == "ms2":
+        return f"{value:.2f}"
     return str(value)
 
 
@@ -169,7 +171,8 @@ def costs_table(result: dict) -> tuple[list[str], list[list[str]]]:
     ms on the steps it drafted nothing (it sat out or found nothing: the cost of following the text), also as a share
     of a plain decoding step."""
     header = ["system", "prefill tok/s", "decode steps", "draft ms/step", "verify ms/step", "idle steps",
-              "draft ms/idle step", "idle cost vs plain step", "draft cost vs plain step"]
+              "draft ms/idle step", "sat-out steps", "draft ms/sat-out step", "sat-out cost vs plain step",
+              "draft cost vs plain step"]
     rows = []
     overall = result["summary"]["overall"]
     for name in result["systems"]:
@@ -184,6 +187,8 @@ def costs_table(result: dict) -> tuple[list[str], list[list[str]]]:
                      fmt(s.get("verify_ms_per_step"), "ms1") if drafting else "–",
                      str(s.get("idle_steps", "–")) if drafting else "–",
                      fmt(s.get("idle_draft_ms_per_step"), "ms1") if drafting else "–",
+                     str(s.get("sat_out_steps", "–")) if drafting else "–",
+                     fmt(s.get("sat_out_draft_ms_per_step"), "ms2") if drafting else "–",
                      fmt(s.get("following_cost"), "pct1") if drafting else "–",
                      fmt(s.get("draft_cost_per_step"), "pct1") if drafting else "–"])
     return header, rows
@@ -324,8 +329,9 @@ def render_markdown(result: dict) -> str:
                   "summed over those prompts; speedups against the baseline's same turn):", "",
                   _md_table(header, turns), ""]
     lines += ["Costs (prefill: prompt tokens fed per second until the first token; draft and verify per decoding "
-              "step; idle steps drafted nothing, so their drafter time is the cost of following the text; shares "
-              "are of the baseline's time per decoded token):", "", _md_table(*costs_table(result)), ""]
+              "step; idle steps drafted nothing; sat-out steps are the idle steps the drafter sat out because "
+              "drafting was losing, so their drafter time is the cost of following the text; shares are of the "
+              "baseline's time per decoded token):", "", _md_table(*costs_table(result)), ""]
     header, costs = drafter_cost_table(result)
     if costs:
         lines += ["Drafting cost (drafter ms/forward: all the drafter's time over its forwards; model ms/forward: its "

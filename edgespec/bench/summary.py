@@ -107,7 +107,10 @@ def speculation_summary(rows: list[dict]) -> dict:
             "verify_ms_per_step": per_step(total("verify_seconds"), decode_steps),
             # steps that drafted nothing (the drafter sat out or found nothing): what following the text costs
             "idle_steps": int(idle_steps),
-            "idle_draft_ms_per_step": per_step(total("idle_draft_seconds"), idle_steps)}
+            "idle_draft_ms_per_step": per_step(total("idle_draft_seconds"), idle_steps),
+            # of those, the steps the drafter sat out (no work at all while drafting loses): its following cost
+            "sat_out_steps": int(total("sat_out_steps")),
+            "sat_out_draft_ms_per_step": per_step(total("sat_out_draft_seconds"), total("sat_out_steps"))}
 
 
 def add_ratios(by_system: dict[str, dict], kinds: dict[str, str], baseline: str = BASELINE) -> None:
@@ -121,7 +124,9 @@ def add_ratios(by_system: dict[str, dict], kinds: dict[str, str], baseline: str 
         plain_step_ms = 1000.0 / base["decode_tokens_per_second_agg"]
     for system, s in by_system.items():
         if kinds.get(system) != "peer" and s.get("idle_draft_ms_per_step") is not None and plain_step_ms:
-            s["following_cost"] = s["idle_draft_ms_per_step"] / plain_step_ms
+            s["idle_cost"] = s["idle_draft_ms_per_step"] / plain_step_ms
+            if s.get("sat_out_draft_ms_per_step") is not None:
+                s["following_cost"] = s["sat_out_draft_ms_per_step"] / plain_step_ms
             s["draft_cost_per_step"] = (s["draft_ms_per_step"] or 0.0) / plain_step_ms
         for suffix in ("", "_agg"):
             key = "tokens_per_second" + suffix

@@ -222,6 +222,7 @@ class Drafter:
     forward_cost: "ForwardCost | None" = None  # the measured time of one of its model's forwards, if it runs one
 
     proposal_cost: "ProposalCost | None" = None  # its measured time per proposal by depth, if it measures one
+    sat_out = False  # its last `propose` did no work at all (it sits out while drafting loses): nothing to follow
 
     def draft_seconds(self, depth: int, nodes: int) -> float | None:
         """This drafter's own estimate of the time to propose a tree `depth` levels deep with `nodes` nodes, from

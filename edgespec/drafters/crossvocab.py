@@ -477,7 +477,8 @@ class CrossVocabDrafter(Drafter):
         t0 = time.perf_counter()
         self.counters["proposals"] += 1
         self._last, self._drafted = None, False
-        if budget <= 0 or (self.target_cost is not None and not self.pays_off.should_draft()):
+        self.sat_out = budget <= 0 or (self.target_cost is not None and not self.pays_off.should_draft())
+        if self.sat_out:  # nothing decoded, re-encoded or run: the next draft catches up in one forward
             return DraftTree.empty()
         try:
             self._extend_text(context)

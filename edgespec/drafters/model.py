@@ -146,7 +146,8 @@ class ModelDrafter(Drafter):
         self.counters["proposals"] += 1
         self._nodes, self._roots, self._dists, self._stage_slots = [], [], {}, 0
         self._drafted = False
-        if budget <= 0 or (self.target_cost is not None and not self.pays_off.should_draft()):
+        self.sat_out = budget <= 0 or (self.target_cost is not None and not self.pays_off.should_draft())
+        if self.sat_out:  # no forward: the next draft feeds what it missed in one
             return DraftTree.empty()
         if self.layer_search is not None:
             self._gates = self.layer_search.choose()
