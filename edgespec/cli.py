@@ -242,20 +242,6 @@ def _perplexity(acc: dict) -> str:
     return f"{num(acc.get('perplexity'))} ({num(acc.get('reference_perplexity'))})"
 
 
-def cmd_models(args) -> int:
-    """`edgespec models [--fetch NAME]`: list the known model sources, or fetch one."""
-    from .export import sources
-
-    if args.fetch:
-        path = sources.resolve(args.fetch)
-        print(path.path)
-        return 0
-    for name in sources.known_names():
-        src = sources.MODELS[name]
-        print(f"{name:22s} {src.size / 1e6:8.0f} MB  {src.description}")
-    return 0
-
-
 def cmd_bench(args) -> int:
     """`edgespec bench`: see edgespec.bench."""
     from .bench import main as bench_main
