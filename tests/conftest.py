@@ -94,6 +94,19 @@ def tiny_bundles(tiny_models, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def copy_drafter_bundle(tiny_models, tmp_path_factory) -> Path:
+    """The tiny qwen2 target with a copy of itself as its drafter model ("copy"): the drafter guesses the target's
+    own argmax, so it is right except where a penalty, a mask or a cost rule changes the choice. Read-only: tests
+    load it (with ngram_cache=False), never write into it."""
+    from edgespec.export.bundle import ModelRequest, export_bundle
+
+    root = tmp_path_factory.mktemp("copy-drafter")
+    return export_bundle(str(tiny_models["qwen2"]), root / "qwen2", name="tiny-qwen2", log=lambda m: None,
+                         parity=False, drafters=[ModelRequest(str(tiny_models["qwen2"]), "drafter", name="copy")]
+                         ).bundle
+
+
+@pytest.fixture(scope="session")
 def torch_reference():
     """Load (and cache) a transformers model for a folder or GGUF."""
     from edgespec.export import reference

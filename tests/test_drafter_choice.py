@@ -11,7 +11,6 @@ import pytest
 
 from edgespec import load
 from edgespec.drafters import choice
-from edgespec.export.bundle import ModelRequest, export_bundle
 
 
 def _entry(tmp_path: Path, name: str, size: int):
@@ -47,22 +46,15 @@ def test_choice_prefers_the_device_profile(tmp_path):
     assert spec == "ngram>draft:small" and "device profile p" in reason and "5%" in reason
 
 
-@pytest.fixture(scope="module")
-def bundle_with_copy(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("choice")
-    return export_bundle(str(tiny_models["qwen2"]), root / "b", name="tiny-qwen2", log=lambda m: None, parity=False,
-                         drafters=[ModelRequest(str(tiny_models["qwen2"]), "drafter", name="copy")]).bundle
-
-
-def test_load_says_why_and_stays_exact(bundle_with_copy, monkeypatch):
+def test_load_says_why_and_stays_exact(copy_drafter_bundle, monkeypatch):
     prompt = "def f(x): return x + 1\ndef f(x):"
-    plain = load(bundle_with_copy, threads=1, drafter=None)
+    plain = load(copy_drafter_bundle, threads=1, drafter=None)
     expected = plain.generate(prompt, max_new_tokens=24, ignore_eos=True).token_ids
     assert plain.speculation.reason == "plain decoding"
-    engine = load(bundle_with_copy, threads=1, ngram_cache=False)  # the default: auto
+    engine = load(copy_drafter_bundle, threads=1, ngram_cache=False)  # the default: auto
     assert engine.drafter.name == "ngram" and "copy" in engine.speculation.reason  # a copy costs 100%: not added
     monkeypatch.setattr(choice, "MAX_DRAFTER_COST_SHARE", 2.0)
-    engine = load(bundle_with_copy, threads=1, ngram_cache=False, tree="chain:4")
+    engine = load(copy_drafter_bundle, threads=1, ngram_cache=False, tree="chain:4")
     assert engine.drafter.name == "ngram>draft:copy" and engine.speculation.drafter == "ngram>draft:copy"
     assert engine.speculation.reason.startswith("auto: n-grams, then copy")
     assert engine.generate(prompt, max_new_tokens=24, ignore_eos=True).token_ids == expected

@@ -14,7 +14,6 @@ import pytest
 from edgespec import cli
 from edgespec import engine as engine_module
 from edgespec.engine import load
-from edgespec.export.bundle import ModelRequest, export_bundle
 from edgespec.runtimes.runner import ModelRunner
 from edgespec.sampling import (MAX_REPETITION_PENALTY, GenerationConfig, HistoryRules, apply_repetition_penalty,
                                generation_options, process_logits, sample)
@@ -82,17 +81,7 @@ def plain(bundle):
     return load(bundle, threads=2, drafter=None, history=False)
 
 
-@pytest.fixture(scope="module")
-def draft_bundle(tiny_models, tmp_path_factory):
-    """The tiny qwen2 target with a copy of itself as a drafter model: the drafter guesses the target's unpenalized
-    argmax, so it is right except where a penalty or a mask changes the choice."""
-    root = tmp_path_factory.mktemp("options-draft")
-    return export_bundle(str(tiny_models["qwen2"]), root / "qwen2", name="tiny-qwen2", log=lambda m: None,
-                         parity=False, drafters=[ModelRequest(str(tiny_models["qwen2"]), "drafter", name="copy")]
-                         ).bundle
-
-
-def speculative_engines(bundle, draft_bundle, plain, prompt_ids: list[int], expected: list[int]) -> dict:
+def speculative_engines(bundle, copy_drafter_bundle, plain, prompt_ids: list[int], expected: list[int]) -> dict:
     """One engine per drafter kind: n-gram, garbage trees, an oracle that knows `expected`, a sampling drafter with
     draft probabilities (another model), and the bundle's own drafter model."""
     vocab = plain.entry.vocab_size
@@ -105,21 +94,21 @@ def speculative_engines(bundle, draft_bundle, plain, prompt_ids: list[int], expe
                        history=False),
         "model-sample": load(bundle, threads=2, drafter=ModelSampleDrafter(plain.entry, width=3, depth=3, top_k=4),
                              draft_budget=6, history=False),
-        "draft": load(draft_bundle, threads=2, drafter="draft", draft_budget=12, ngram_cache=False, tree="tree:3x4",
-                      history=False),
+        "draft": load(copy_drafter_bundle, threads=2, drafter="draft", draft_budget=12, ngram_cache=False,
+                      tree="tree:3x4", history=False),
     }
 
 
 # ---- greedy: plain == transformers' processors == speculative, with each option ----------------------------------
 @pytest.mark.parametrize("penalty", PENALTIES)
 @pytest.mark.parametrize("prompt", range(len(PROMPTS)))
-def test_repetition_penalty_greedy_is_exact_with_every_drafter(penalty, prompt, bundle, draft_bundle, plain):
+def test_repetition_penalty_greedy_is_exact_with_every_drafter(penalty, prompt, bundle, copy_drafter_bundle, plain):
     ids = plain.encode(PROMPTS[prompt])
     options = dict(max_new_tokens=TOKENS, ignore_eos=True, repetition_penalty=penalty)
     expected = plain.generate(ids, **options).token_ids
     assert expected == hf_greedy(plain.entry, ids, TOKENS, penalty=penalty)
     assert expected != plain.generate(ids, max_new_tokens=TOKENS, ignore_eos=True).token_ids  # the option matters
-    for kind, engine in speculative_engines(bundle, draft_bundle, plain, ids, expected).items():
+    for kind, engine in speculative_engines(bundle, copy_drafter_bundle, plain, ids, expected).items():
         result = engine.generate(ids, **options)
         assert result.token_ids == expected, f"{kind} penalty {penalty}"
         assert result.stats.drafted_tokens > 0 or kind == "ngram", kind  # a penalized text may never repeat
@@ -140,7 +129,7 @@ def test_a_verifier_that_penalizes_only_the_step_context_is_caught(bundle, plain
     assert got.token_ids != expected
 
 
-def test_min_new_tokens_greedy_is_exact_and_holds_at_the_limit(bundle, draft_bundle, plain):
+def test_min_new_tokens_greedy_is_exact_and_holds_at_the_limit(bundle, copy_drafter_bundle, plain):
     """An EOS id the model emits early is masked until min_new_tokens: plain and every drafter give transformers'
     output; the output is never shorter than min_new_tokens, and exactly max_new_tokens at min == max."""
     ids = plain.encode(PROMPTS[1])
@@ -156,7 +145,7 @@ def test_min_new_tokens_greedy_is_exact_and_holds_at_the_limit(bundle, draft_bun
         assert eos not in expected.token_ids[:minimum]
         if minimum == TOKENS:
             assert len(expected.token_ids) == TOKENS and expected.finish_reason == "length"
-        for kind, engine in speculative_engines(bundle, draft_bundle, plain, ids, expected.token_ids).items():
+        for kind, engine in speculative_engines(bundle, copy_drafter_bundle, plain, ids, expected.token_ids).items():
             got = engine.generate(ids, **options)
             assert (got.token_ids, got.finish_reason) == (expected.token_ids, expected.finish_reason), \
                 f"{kind} min_new_tokens {minimum}"

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 from edgespec.engine import load
-from edgespec.export.bundle import ModelRequest, export_bundle
 from edgespec.runtimes.runner import ModelRunner
 from edgespec.sampling import MAX_TOP_LOGPROBS, TokenLogprob, token_logprob
 
@@ -41,14 +40,6 @@ def bundle(tiny_bundles):
 @pytest.fixture(scope="module")
 def plain(bundle):
     return load(bundle, threads=2, drafter=None, history=False)
-
-
-@pytest.fixture(scope="module")
-def draft_bundle(tiny_models, tmp_path_factory):
-    root = tmp_path_factory.mktemp("logprobs-draft")
-    return export_bundle(str(tiny_models["qwen2"]), root / "qwen2", name="tiny-qwen2", log=lambda m: None,
-                         parity=False, drafters=[ModelRequest(str(tiny_models["qwen2"]), "drafter", name="copy")]
-                         ).bundle
 
 
 # ---- the function ---------------------------------------------------------------------------------------------------
@@ -91,25 +82,25 @@ def test_logprobs_are_raw_not_the_processed_distribution(plain):
     assert np.isfinite(got).all() and (got < 0).all()
 
 
-def speculative_engines(bundle, draft_bundle, plain, ids, expected):
+def speculative_engines(bundle, copy_drafter_bundle, plain, ids, expected):
     vocab = plain.entry.vocab_size
     return {
         "ngram": load(bundle, threads=2, drafter="ngram", ngram_cache=False, history=False),
         "oracle": load(bundle, threads=2, drafter=OracleDrafter(ids + expected, len(ids), vocab, depth=8,
                                                                 distractors=2), draft_budget=24, history=False),
-        "draft": load(draft_bundle, threads=2, drafter="draft", draft_budget=12, ngram_cache=False, tree="tree:3x4",
-                      history=False),
+        "draft": load(copy_drafter_bundle, threads=2, drafter="draft", draft_budget=12, ngram_cache=False,
+                      tree="tree:3x4", history=False),
     }
 
 
 @pytest.mark.parametrize("options", [dict(), dict(repetition_penalty=1.3)])
-def test_speculative_logprobs_equal_plain_logprobs_under_greedy(options, bundle, draft_bundle, plain):
+def test_speculative_logprobs_equal_plain_logprobs_under_greedy(options, bundle, copy_drafter_bundle, plain):
     """The rows of a verification forward give the same log probabilities as plain decoding's one-token steps: the
     same tokens, values equal to 1e-5, the same alternatives."""
     ids = plain.encode(PROMPT)
     kwargs = dict(max_new_tokens=TOKENS, ignore_eos=True, logprobs=True, top_logprobs=4, **options)
     expected = plain.generate(ids, **kwargs)
-    for kind, engine in speculative_engines(bundle, draft_bundle, plain, ids, expected.token_ids).items():
+    for kind, engine in speculative_engines(bundle, copy_drafter_bundle, plain, ids, expected.token_ids).items():
         got = engine.generate(ids, **kwargs)
         assert got.token_ids == expected.token_ids, kind
         if kind != "ngram" or options:
