@@ -60,24 +60,16 @@ class ReplayRunner:
         """The recorded token after `position` (the last recorded one past the end: never accepted there)."""
         return self.recorded[min(position + 1, len(self.recorded) - 1)] if self.recorded else 0
 
-    def _scores(self, tokens, parents) -> tuple[np.ndarray, list[int]]:
-        """Each fed token's position and the token the target would choose after it (the recorded next token when
-        the path to it follows the recording; off the recording any choice is rejected the same way)."""
+    def _choices(self, tokens, parents) -> list[int]:
+        """The token the target chooses after each fed token: the recorded token after its position (its depth in
+        the tree on top of the cache). Only on the recorded path does that choice matter: a node off it was already
+        rejected at an ancestor, so its children are never accepted whatever it is given."""
         base = len(self.cached)
-        on_record = self.cached == self.recorded[:base]
-        depth, on_path, choice = [], [], []
-        for i, token in enumerate(tokens):
-            parent = -1 if parents is None else int(parents[i])
-            if parents is None:
-                parent = i - 1
-            d = 0 if parent < 0 else depth[parent] + 1
-            path_ok = on_record if parent < 0 else on_path[parent]
-            position = base + d
-            ok = path_ok and position < len(self.recorded) and self.recorded[position] == int(token)
-            depth.append(d)
-            on_path.append(ok)
-            choice.append(self._next(position))
-        return np.asarray(depth), choice
+        depth: list[int] = []
+        for i in range(len(tokens)):
+            parent = i - 1 if parents is None else int(parents[i])
+            depth.append(0 if parent < 0 else depth[parent] + 1)
+        return [self._next(base + d) for d in depth]
 
     def forward(self, tokens, parents=None, logit_positions=None, past_visible=None, positions=None, **_) -> np.ndarray:
         """One-hot logits on the target's choice after each fed token (rows `logit_positions`, default all)."""
@@ -87,7 +79,7 @@ class ReplayRunner:
 
             raise ContextOverflow(f"{len(tokens)} tokens on top of {len(self.cached)} exceed the context "
                                   f"length {self.max_context}")
-        _, choice = self._scores(tokens, None if parents is None else np.asarray(parents).reshape(-1))
+        choice = self._choices(tokens, None if parents is None else np.asarray(parents).reshape(-1))
         rows = range(len(tokens)) if logit_positions is None else [int(p) for p in logit_positions]
         logits = np.zeros((len(rows), self.vocab_size), np.float32)
         for r, i in enumerate(rows):
